@@ -1,0 +1,132 @@
+//! The command line: one binary, `rollcall`, with a subcommand per role. Every flag can also
+//! be set through an environment variable (`ROLLCALL_…`), which is how containers configure it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::ApiConfig;
+use crate::logging::LogFormat;
+use crate::server::StoreConfig;
+use crate::store::RedisConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rollcall",
+    version,
+    about = "A highly-available service registry and discovery gateway",
+    long_about = "rollcall keeps track of which HTTP services are alive and where.\n\
+        Services register and heartbeat; entries expire by TTL in Redis; any replica\n\
+        answers any request.\n\n\
+        Quick start:  rollcall dev        (Redis + a replica on this machine)\n\
+        Production:   rollcall serve --redis-url redis://redis:6379"
+)]
+pub struct Cli {
+    /// Log format: human-readable text or one JSON object per line. Level: RUST_LOG.
+    #[arg(
+        long,
+        env = "ROLLCALL_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a registry replica (stateless; entries live in Redis).
+    Serve(ServeArgs),
+    /// Run Redis and a registry replica on this machine, for development; Ctrl-C stops both.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve the registry API on.
+    #[arg(long, env = "ROLLCALL_LISTEN", default_value = "0.0.0.0:8888")]
+    pub listen: SocketAddr,
+
+    /// Redis to keep entries in, e.g. redis://127.0.0.1:6379/0. Without it, an in-memory
+    /// store is used: single node only, lost on restart.
+    #[arg(long, env = "ROLLCALL_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// Knobs shared by `serve` and `dev`.
+#[derive(Debug, Clone, Args)]
+pub struct Tuning {
+    /// Prefix of every Redis key, so several registries can share one Redis.
+    #[arg(long, env = "ROLLCALL_KEY_PREFIX", default_value = "rollcall:")]
+    pub key_prefix: String,
+
+    /// Longest wait for one Redis command before the request fails with 503.
+    #[arg(long, env = "ROLLCALL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Longest wait for a connection to Redis.
+    #[arg(long, env = "ROLLCALL_REDIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub redis_connect_timeout: Duration,
+
+    /// Largest accepted request body, in bytes; larger ones get 413.
+    #[arg(long, env = "ROLLCALL_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Longest time one request may take before it is answered 408.
+    #[arg(long, env = "ROLLCALL_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Address of the registry replica.
+    #[arg(long, env = "ROLLCALL_DEV_LISTEN", default_value = "127.0.0.1:8888")]
+    pub listen: SocketAddr,
+
+    /// Port for redis-server; a free one is picked when not given.
+    #[arg(long, env = "ROLLCALL_DEV_REDIS_PORT")]
+    pub redis_port: Option<u16>,
+
+    /// Where Redis keeps its data and logs; a temporary directory (removed on exit) when
+    /// not given.
+    #[arg(long, env = "ROLLCALL_DEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+impl Tuning {
+    pub fn api(&self) -> ApiConfig {
+        ApiConfig {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: self.request_timeout,
+        }
+    }
+
+    pub fn redis(&self, url: String) -> RedisConfig {
+        RedisConfig {
+            url,
+            key_prefix: self.key_prefix.clone(),
+            connect_timeout: self.redis_connect_timeout,
+            command_timeout: self.redis_timeout,
+        }
+    }
+}
+
+impl ServeArgs {
+    pub fn store(&self) -> StoreConfig {
+        match &self.redis_url {
+            Some(url) => StoreConfig::Redis(self.tuning.redis(url.clone())),
+            None => StoreConfig::Memory,
+        }
+    }
+}

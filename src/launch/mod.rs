@@ -1,0 +1,70 @@
+//! Starts and stops the real processes rollcall runs on: `redis-server` today, the whole
+//! topology as it grows. `rollcall dev`, the integration tests and the benchmarks all go
+//! through this code, so what is tested is what developers run.
+//!
+//! Every process is owned by a guard that kills it when dropped (also when a test panics),
+//! and is started with a parent-death signal so that not even a killed test runner leaves
+//! one behind.
+
+mod ports;
+mod process;
+mod redis;
+
+pub use self::ports::free_port;
+pub use self::process::ManagedProcess;
+pub use self::redis::RedisServer;
+
+use std::time::Duration;
+
+/// How long a started process may take to answer before the launch counts as failed.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("`{binary}` is not installed; install it with: apt-get install {package}")]
+    Missing {
+        binary: &'static str,
+        package: &'static str,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} did not become ready: {detail}\n--- last lines of its log ---\n{log}")]
+    NotReady {
+        name: String,
+        detail: String,
+        log: String,
+    },
+}
+
+impl LaunchError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        LaunchError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Fills the `{{key}}` placeholders of a config template from the repository.
+pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
+    vars.iter()
+        .fold(template.to_string(), |text, (key, value)| {
+            text.replace(&format!("{{{{{key}}}}}"), value)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn render_substitutes_every_placeholder() {
+        let out = super::render(
+            "port {{port}}\ndir {{dir}}\nport2 {{port}}",
+            &[("port", "7"), ("dir", "/d")],
+        );
+        assert_eq!(out, "port 7\ndir /d\nport2 7");
+    }
+}

@@ -1,0 +1,14 @@
+//! rollcall: a highly-available service registry and discovery gateway.
+//!
+//! The binary (`main.rs`) only wires these modules; tests and benchmarks use them directly.
+
+pub mod api;
+pub mod cli;
+pub mod dev;
+pub mod launch;
+pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,52 @@
+//! The `rollcall` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rollcall::cli::{Cli, Command};
+use rollcall::server::{self, StoreConfig};
+use rollcall::{dev, logging};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("rollcall: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: rollcall::cli::ServeArgs) -> Result<(), String> {
+    let config = args.store();
+    match &config {
+        StoreConfig::Memory => tracing::warn!(
+            "NO REDIS CONFIGURED: using an in-memory store. Entries are lost on restart and \
+             are NOT shared with other replicas. Use --redis-url for anything but a trial."
+        ),
+        StoreConfig::Redis(c) => tracing::info!(redis = %c.url, "using Redis"),
+    }
+    let store = server::build_store(&config).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, "rollcall serve ready");
+    server::run(
+        listener,
+        store,
+        args.tuning.api(),
+        server::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| format!("serving: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}

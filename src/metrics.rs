@@ -1,0 +1,109 @@
+//! The registry's Prometheus metrics, with the names existing dashboards and alerts use.
+//!
+//! Names are a contract (DESIGN.md "Metrics"): `registry_operations_total{operation,status}`,
+//! `registry_operation_duration_seconds{operation}`, `registry_active_services`,
+//! `registry_circuit_breaker_open`. Label values come from fixed tables only, never from
+//! request data, so the series count stays bounded whatever clients send.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct RegistryMetrics {
+    registry: Registry,
+    pub operations: IntCounterVec,
+    pub duration: HistogramVec,
+    pub active_services: IntGauge,
+    pub breaker_open: IntGauge,
+}
+
+/// Registry operations, one per API route that reads or changes entries.
+pub const OPERATIONS: &[&str] = &[
+    "register",
+    "heartbeat",
+    "deregister",
+    "list",
+    "get",
+    "discover",
+    "promote",
+];
+
+impl RegistryMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let operations = IntCounterVec::new(
+            Opts::new(
+                "registry_operations_total",
+                "Registry operations by operation and outcome (success, not_found, invalid, unavailable, error).",
+            ),
+            &["operation", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_operation_duration_seconds",
+                "Time to serve a registry operation, including the store round trip.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["operation"],
+        )?;
+        let active_services = IntGauge::new(
+            "registry_active_services",
+            "Service names with at least one live instance, as of the last scrape or listing.",
+        )?;
+        let breaker_open = IntGauge::new(
+            "registry_circuit_breaker_open",
+            "1 while the circuit breaker in front of Redis is open, else 0.",
+        )?;
+        registry.register(Box::new(operations.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(active_services.clone()))?;
+        registry.register(Box::new(breaker_open.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        // Pre-create the success series so dashboards show 0 instead of "no data" at start.
+        for op in OPERATIONS {
+            operations.with_label_values(&[op, "success"]);
+            duration.with_label_values(&[op]);
+        }
+        Ok(RegistryMetrics {
+            registry,
+            operations,
+            duration,
+            active_services,
+            breaker_open,
+        })
+    }
+
+    pub fn observe(&self, operation: &str, status: &str, seconds: f64) {
+        self.operations
+            .with_label_values(&[operation, status])
+            .inc();
+        self.duration
+            .with_label_values(&[operation])
+            .observe(seconds);
+    }
+
+    /// The text exposition format; an encoding failure yields what was encoded so far.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Maps an HTTP status to the bounded `status` label.
+pub fn outcome(status: u16) -> &'static str {
+    match status {
+        200..=299 => "success",
+        404 => "not_found",
+        400..=499 => "invalid",
+        503 => "unavailable",
+        _ => "error",
+    }
+}

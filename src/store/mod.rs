@@ -1,0 +1,69 @@
+//! The storage seam: what the HTTP layer needs from wherever entries live.
+//!
+//! Two implementations sit behind it: `RedisStore`, the real one (keys with a TTL in Redis,
+//! shared by every replica), and `MemoryStore`, for single-node trials and fast unit tests of
+//! the HTTP layer. Resilience (circuit breaker, fallback cache) wraps a store from the outside
+//! rather than living inside either.
+
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{HeartbeatReport, Instance, Registered, Registration, Target};
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisConfig, RedisStore};
+
+/// Why a store could not answer. None of these is the caller's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or did not answer in time: worth retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something this code does not understand: a bug or a foreign key.
+    #[error("store returned unexpected data: {0}")]
+    Corrupt(String),
+}
+
+/// The result of a heartbeat: how many instances were refreshed (0 = unknown or expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refreshed {
+    pub count: usize,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates or replaces one instance and (re)starts its TTL.
+    async fn register(&self, reg: &Registration) -> Result<Registered, StoreError>;
+
+    /// Restarts the TTL of the targeted live instances and records the report.
+    async fn heartbeat(
+        &self,
+        target: &Target,
+        report: &HeartbeatReport,
+    ) -> Result<Refreshed, StoreError>;
+
+    /// Removes the targeted instances; answers how many were live.
+    async fn deregister(&self, target: &Target) -> Result<usize, StoreError>;
+
+    /// Sets the role of the targeted live instances; answers how many there were.
+    async fn promote(&self, target: &Target, role: &str) -> Result<usize, StoreError>;
+
+    /// Every live instance of one service: costs O(instances of that service).
+    async fn instances(&self, service_name: &str) -> Result<Vec<Instance>, StoreError>;
+
+    /// Every live instance of every service (discovery without a name).
+    async fn all_instances(&self) -> Result<Vec<Instance>, StoreError>;
+
+    /// Names that have at least one live instance, sorted.
+    async fn service_names(&self) -> Result<Vec<String>, StoreError>;
+
+    /// A round trip to the backend, for readiness.
+    async fn ping(&self) -> Result<Duration, StoreError>;
+
+    /// "redis" or "memory", for `/health` and the start-up log.
+    fn backend(&self) -> &'static str;
+}
