@@ -7,7 +7,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::error::Category;
 
 use super::AppState;
@@ -36,6 +36,14 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::Malformed(
             "the body is empty; expected a JSON object".into(),
         ));
+    }
+    // serde would also read a struct from a JSON array, by position; no client means that.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') && serde_json::from_slice::<IgnoredAny>(bytes).is_ok() {
+        return Err(ApiError::Invalid(FieldError::new(
+            "body",
+            "must be a JSON object",
+        )));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
