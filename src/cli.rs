@@ -8,9 +8,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::ApiConfig;
+use crate::breaker::BreakerConfig;
 use crate::logging::LogFormat;
-use crate::server::StoreConfig;
-use crate::store::RedisConfig;
+use crate::registry::ResilienceConfig;
+use crate::server::{Options, StoreConfig};
+use crate::store::{MasterSource, RedisConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,10 +54,19 @@ pub struct ServeArgs {
     #[arg(long, env = "ROLLCALL_LISTEN", default_value = "0.0.0.0:8888")]
     pub listen: SocketAddr,
 
-    /// Redis to keep entries in, e.g. redis://127.0.0.1:6379/0. Without it, an in-memory
-    /// store is used: single node only, lost on restart.
-    #[arg(long, env = "ROLLCALL_REDIS_URL")]
+    /// A single Redis to keep entries in, e.g. redis://127.0.0.1:6379/0. Without it (and
+    /// without --sentinels) an in-memory store is used: single node only, lost on restart.
+    #[arg(long, env = "ROLLCALL_REDIS_URL", conflicts_with = "sentinels")]
     pub redis_url: Option<String>,
+
+    /// Redis Sentinels (host:port,host:port,...) that name the current master; failovers are
+    /// followed without a restart.
+    #[arg(long, env = "ROLLCALL_SENTINELS", value_delimiter = ',')]
+    pub sentinels: Vec<String>,
+
+    /// The master set the Sentinels watch.
+    #[arg(long, env = "ROLLCALL_SENTINEL_MASTER", default_value = "mymaster")]
+    pub sentinel_master: String,
 
     #[command(flatten)]
     pub tuning: Tuning,
@@ -72,9 +83,30 @@ pub struct Tuning {
     #[arg(long, env = "ROLLCALL_REDIS_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
-    /// Longest wait for a connection to Redis.
+    /// Longest wait for a connection to Redis (or an answer from the Sentinels).
     #[arg(long, env = "ROLLCALL_REDIS_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub redis_connect_timeout: Duration,
+
+    /// Redis replicas that must confirm a registration, deregistration or promotion before it
+    /// is acknowledged (WAIT). Default: 1 with --sentinels, 0 with --redis-url.
+    #[arg(long, env = "ROLLCALL_MIN_REPLICA_ACKS")]
+    pub min_replica_acks: Option<u32>,
+
+    /// How long to wait for those confirmations before answering 503 `not_replicated`.
+    #[arg(long, env = "ROLLCALL_REPLICA_ACK_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub replica_ack_timeout: Duration,
+
+    /// Consecutive Redis failures that open the circuit breaker.
+    #[arg(long, env = "ROLLCALL_BREAKER_THRESHOLD", default_value_t = 3)]
+    pub breaker_threshold: u32,
+
+    /// How long the breaker stays open before probing Redis again.
+    #[arg(long, env = "ROLLCALL_BREAKER_COOLDOWN", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub breaker_cooldown: Duration,
+
+    /// Oldest cached answer served (flagged stale) while Redis is unreachable.
+    #[arg(long, env = "ROLLCALL_STALE_MAX_AGE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stale_max_age: Duration,
 
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "ROLLCALL_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
@@ -105,28 +137,50 @@ pub struct DevArgs {
 }
 
 impl Tuning {
-    pub fn api(&self) -> ApiConfig {
-        ApiConfig {
-            max_body_bytes: self.max_body_bytes,
-            request_timeout: self.request_timeout,
+    pub fn options(&self) -> Options {
+        Options {
+            api: ApiConfig {
+                max_body_bytes: self.max_body_bytes,
+                request_timeout: self.request_timeout,
+            },
+            resilience: ResilienceConfig {
+                breaker: BreakerConfig {
+                    threshold: self.breaker_threshold.max(1),
+                    cooldown: self.breaker_cooldown,
+                },
+                stale_max_age: self.stale_max_age,
+                ..ResilienceConfig::default()
+            },
         }
     }
 
-    pub fn redis(&self, url: String) -> RedisConfig {
+    pub fn redis(&self, source: MasterSource) -> RedisConfig {
+        let default_acks = match source {
+            MasterSource::Direct(_) => 0,
+            MasterSource::Sentinel { .. } => 1,
+        };
         RedisConfig {
-            url,
+            source,
             key_prefix: self.key_prefix.clone(),
             connect_timeout: self.redis_connect_timeout,
             command_timeout: self.redis_timeout,
+            min_replica_acks: self.min_replica_acks.unwrap_or(default_acks),
+            replica_ack_timeout: self.replica_ack_timeout,
         }
     }
 }
 
 impl ServeArgs {
     pub fn store(&self) -> StoreConfig {
-        match &self.redis_url {
-            Some(url) => StoreConfig::Redis(self.tuning.redis(url.clone())),
-            None => StoreConfig::Memory,
+        if let Some(url) = &self.redis_url {
+            return StoreConfig::Redis(self.tuning.redis(MasterSource::Direct(url.clone())));
         }
+        if !self.sentinels.is_empty() {
+            return StoreConfig::Redis(self.tuning.redis(MasterSource::Sentinel {
+                sentinels: self.sentinels.clone(),
+                master: self.sentinel_master.clone(),
+            }));
+        }
+        StoreConfig::Memory
     }
 }

@@ -31,9 +31,13 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let mut redis = RedisServer::start(&dir.join("redis"), args.redis_port).await?;
     tracing::info!(url = %redis.url(), pid = redis.process().pid(), "redis-server ready");
 
-    let store = RedisStore::new(&args.tuning.redis(redis.url()))
-        .map_err(|e| DevError::Replica(e.to_string()))?;
-    let replica = server::spawn(args.listen, Arc::new(store), args.tuning.api())
+    let store = RedisStore::new(
+        &args
+            .tuning
+            .redis(crate::store::MasterSource::Direct(redis.url())),
+    )
+    .map_err(|e| DevError::Replica(e.to_string()))?;
+    let replica = server::spawn(args.listen, Arc::new(store), args.tuning.options())
         .await
         .map_err(|e| DevError::Replica(format!("cannot listen on {}: {e}", args.listen)))?;
 

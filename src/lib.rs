@@ -3,12 +3,14 @@
 //! The binary (`main.rs`) only wires these modules; tests and benchmarks use them directly.
 
 pub mod api;
+pub mod breaker;
 pub mod cli;
 pub mod dev;
 pub mod launch;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod registry;
 pub mod server;
 pub mod store;
 pub mod validate;

@@ -32,7 +32,7 @@ async fn serve(args: rollcall::cli::ServeArgs) -> Result<(), String> {
             "NO REDIS CONFIGURED: using an in-memory store. Entries are lost on restart and \
              are NOT shared with other replicas. Use --redis-url for anything but a trial."
         ),
-        StoreConfig::Redis(c) => tracing::info!(redis = %c.url, "using Redis"),
+        StoreConfig::Redis(c) => tracing::info!(source = ?c.source, "using Redis"),
     }
     let store = server::build_store(&config).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -42,7 +42,7 @@ async fn serve(args: rollcall::cli::ServeArgs) -> Result<(), String> {
     server::run(
         listener,
         store,
-        args.tuning.api(),
+        args.tuning.options(),
         server::shutdown_signal(),
     )
     .await

@@ -6,7 +6,8 @@
 //! request data, so the series count stays bounded whatever clients send.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct RegistryMetrics {
@@ -15,6 +16,9 @@ pub struct RegistryMetrics {
     pub duration: HistogramVec,
     pub active_services: IntGauge,
     pub breaker_open: IntGauge,
+    pub breaker_transitions: IntCounterVec,
+    pub stale_reads: IntCounter,
+    pub cache_entries: IntGauge,
 }
 
 /// Registry operations, one per API route that reads or changes entries.
@@ -59,12 +63,33 @@ impl RegistryMetrics {
         registry.register(Box::new(operations.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(active_services.clone()))?;
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "registry_circuit_breaker_transitions_total",
+                "Circuit breaker state changes, by the state entered (open, half_open, closed).",
+            ),
+            &["state"],
+        )?;
+        let stale_reads = IntCounter::new(
+            "registry_stale_reads_total",
+            "Reads answered from the fallback cache because the store was unreachable.",
+        )?;
+        let cache_entries = IntGauge::new(
+            "registry_fallback_cache_entries",
+            "Answers held in the fallback cache, as of the last scrape.",
+        )?;
         registry.register(Box::new(breaker_open.clone()))?;
+        registry.register(Box::new(breaker_transitions.clone()))?;
+        registry.register(Box::new(stale_reads.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         // Pre-create the success series so dashboards show 0 instead of "no data" at start.
+        for state in ["open", "half_open", "closed"] {
+            breaker_transitions.with_label_values(&[state]);
+        }
         for op in OPERATIONS {
             operations.with_label_values(&[op, "success"]);
             duration.with_label_values(&[op]);
@@ -75,6 +100,9 @@ impl RegistryMetrics {
             duration,
             active_services,
             breaker_open,
+            breaker_transitions,
+            stale_reads,
+            cache_entries,
         })
     }
 

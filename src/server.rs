@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{ApiConfig, AppState, router};
 use crate::metrics::RegistryMetrics;
+use crate::registry::{Registry, ResilienceConfig};
 use crate::store::{MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 
 /// Where a replica keeps its entries.
@@ -32,18 +33,26 @@ pub fn build_store(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     })
 }
 
+/// How a replica serves: HTTP limits and the breaker/cache in front of its store.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub api: ApiConfig,
+    pub resilience: ResilienceConfig,
+}
+
 /// Serves the registry API on `listener` until `shutdown` resolves, then lets in-flight
 /// requests finish before returning.
 pub async fn run(
     listener: TcpListener,
     store: Arc<dyn Store>,
-    api: ApiConfig,
+    options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let metrics =
         Arc::new(RegistryMetrics::new().map_err(|e| io::Error::other(format!("metrics: {e}")))?);
-    let state = AppState::new(store, metrics, &api);
-    axum::serve(listener, router(state, &api))
+    let registry = Registry::new(store, options.resilience, metrics.clone());
+    let state = AppState::new(registry, metrics, &options.api);
+    axum::serve(listener, router(state, &options.api))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -84,12 +93,12 @@ impl Drop for ReplicaHandle {
 pub async fn spawn(
     listen: SocketAddr,
     store: Arc<dyn Store>,
-    api: ApiConfig,
+    options: Options,
 ) -> io::Result<ReplicaHandle> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(run(listener, store, api, async move {
+    let task = tokio::spawn(run(listener, store, options, async move {
         let _ = stopped.await;
     }));
     Ok(ReplicaHandle {

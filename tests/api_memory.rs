@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use rollcall::api::{ApiConfig, AppState, router};
 use rollcall::metrics::RegistryMetrics;
+use rollcall::registry::{Registry, ResilienceConfig};
 use rollcall::store::MemoryStore;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -17,11 +18,13 @@ struct Api(axum::Router);
 impl Api {
     fn new() -> Api {
         let config = ApiConfig::default();
-        let state = AppState::new(
+        let metrics = Arc::new(RegistryMetrics::new().expect("metrics"));
+        let registry = Registry::new(
             Arc::new(MemoryStore::new()),
-            Arc::new(RegistryMetrics::new().expect("metrics")),
-            &config,
+            ResilienceConfig::default(),
+            metrics.clone(),
         );
+        let state = AppState::new(registry, metrics, &config);
         Api(router(state, &config))
     }
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::store::StoreError;
 use crate::validate::FieldError;
 
-/// How long clients should wait before retrying a write the store could not take.
+/// How long clients should wait before retrying, unless the breaker knows better.
 pub const RETRY_AFTER_S: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +28,13 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
-    /// The store is unreachable: nothing was written, and the client may retry.
-    #[error("{0}")]
-    Unavailable(String),
+    /// The store cannot serve the request now; the client may retry after `retry_after_s`.
+    #[error("{detail}")]
+    Unavailable {
+        code: &'static str,
+        detail: String,
+        retry_after_s: u64,
+    },
     /// A bug or foreign data in the store; never caused by the request itself.
     #[error("{0}")]
     Internal(String),
@@ -44,7 +48,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -56,7 +60,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::Unavailable(_) => "store_unavailable",
+            ApiError::Unavailable { code, .. } => code,
             ApiError::Internal(_) => "internal",
         }
     }
@@ -71,9 +75,29 @@ impl From<FieldError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(detail) => ApiError::Unavailable(format!(
-                "the registry store is unreachable, nothing was changed; retry later ({detail})"
-            )),
+            StoreError::Unavailable(detail) => ApiError::Unavailable {
+                code: "store_unavailable",
+                detail: format!(
+                    "the registry store is unreachable; nothing was changed, retry later ({detail})"
+                ),
+                retry_after_s: RETRY_AFTER_S,
+            },
+            StoreError::CircuitOpen { retry_in } => ApiError::Unavailable {
+                code: "store_unavailable",
+                detail: format!(
+                    "the registry store is unreachable (circuit breaker open); nothing was \
+                     changed, retry in {} ms",
+                    retry_in.as_millis()
+                ),
+                retry_after_s: u64::try_from(retry_in.as_millis().div_ceil(1000))
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            },
+            StoreError::NotReplicated(detail) => ApiError::Unavailable {
+                code: "not_replicated",
+                detail,
+                retry_after_s: RETRY_AFTER_S,
+            },
             StoreError::Corrupt(detail) => ApiError::Internal(detail),
         }
     }
@@ -83,7 +107,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         match &self {
-            ApiError::Unavailable(d) => tracing::warn!(detail = %d, "store unavailable"),
+            ApiError::Unavailable { detail, .. } => tracing::warn!(%detail, "store unavailable"),
             ApiError::Internal(d) => tracing::error!(detail = %d, "internal error"),
             _ => {}
         }
@@ -96,10 +120,10 @@ impl IntoResponse for ApiError {
             _ => json!({"error": self.code(), "detail": self.to_string()}),
         };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let ApiError::Unavailable { retry_after_s, .. } = self {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
         }
         response
     }

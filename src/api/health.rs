@@ -1,7 +1,10 @@
-//! `/health` and `/metrics`: what the load balancer and Prometheus ask.
+//! `/health` and `/metrics`: what the load balancer, orchestrators and Prometheus ask.
 //!
-//! `/health` answers 503 when the store cannot be reached, so that nginx and orchestrators take
-//! a replica that cannot serve out of rotation: readiness means a store round trip succeeded.
+//! `/health` pings the store itself (not through the breaker) so it says what is true now:
+//! - `healthy` (200): the store answers and the breaker is closed;
+//! - `degraded` (200): the store answers but the breaker has not closed yet, or the store is
+//!   unreachable and reads are being served from the fallback cache;
+//! - `unhealthy` (503): the store is unreachable and there is nothing cached to serve.
 
 use axum::Json;
 use axum::extract::State;
@@ -10,12 +13,21 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::AppState;
+use crate::breaker::BreakerState;
 
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let backend = state.store.backend();
-    let ping = state.store.ping().await;
+    let registry = &state.registry;
+    let backend = registry.backend();
+    let ping = registry.ping().await;
+    let breaker = registry.breaker();
+    let cache_entries = registry.cache_entries();
     let active = match &ping {
-        Ok(_) => state.store.service_names().await.ok().map(|n| n.len()),
+        Ok(_) => registry
+            .service_names()
+            .await
+            .ok()
+            .filter(|r| r.stale_age.is_none())
+            .map(|r| r.value.len()),
         Err(_) => None,
     };
     if let Some(n) = active {
@@ -24,20 +36,35 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             .active_services
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    let (status, code, component) = match &ping {
-        Ok(latency) => (
-            "healthy",
-            StatusCode::OK,
-            json!({"status": "up", "latency_ms": latency.as_secs_f64() * 1000.0}),
-        ),
-        Err(e) => (
-            "unhealthy",
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "down", "error": e.to_string()}),
-        ),
+    let (status, code) = match (&ping, breaker.state) {
+        (Ok(_), BreakerState::Closed) => ("healthy", StatusCode::OK),
+        (Ok(_), _) => ("degraded", StatusCode::OK),
+        (Err(_), _) if cache_entries > 0 => ("degraded", StatusCode::OK),
+        (Err(_), _) => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
     };
+    let mut component = match &ping {
+        Ok(latency) => json!({"status": "up", "latency_ms": latency.as_secs_f64() * 1000.0}),
+        Err(e) => json!({"status": "down", "error": e.to_string()}),
+    };
+    component["circuit_breaker"] = json!({
+        "state": breaker.state.as_str(),
+        "failures": breaker.failures,
+        "threshold": registry.breaker_threshold(),
+        "retry_in_ms": breaker.retry_in.map(|d| d.as_millis()),
+    });
+    if let Some(master) = registry.master() {
+        component["master"] = json!(master);
+    }
     let mut components = serde_json::Map::new();
     components.insert(backend.to_string(), component);
+    components.insert(
+        "cache".into(),
+        json!({
+            "status": "up",
+            "entries": cache_entries,
+            "max_stale_s": registry.stale_max_age().as_secs(),
+        }),
+    );
     (
         code,
         Json(json!({
@@ -52,12 +79,18 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    if let Ok(names) = state.store.service_names().await {
+    if let Ok(names) = state.registry.service_names().await
+        && names.stale_age.is_none()
+    {
         state
             .metrics
             .active_services
-            .set(i64::try_from(names.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(names.value.len()).unwrap_or(i64::MAX));
     }
+    state
+        .metrics
+        .cache_entries
+        .set(i64::try_from(state.registry.cache_entries()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

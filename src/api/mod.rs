@@ -1,12 +1,12 @@
 //! The registry's HTTP API: shared state, the router, and the layers around it.
 //!
-//! Handlers live in `registry` (entries) and `health` (health and metrics); this module wires
+//! Handlers live in `entries` (the registry's entries) and `health` (health and metrics); this module wires
 //! them with the cross-cutting layers: body limit, request timeout, and per-operation metrics.
 
 mod body;
+mod entries;
 mod error;
 mod health;
-mod registry;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,12 +22,12 @@ use tower_http::trace::TraceLayer;
 
 pub use self::error::ApiError;
 use crate::metrics::{RegistryMetrics, outcome};
-use crate::store::Store;
+use crate::registry::Registry;
 
 /// Everything a handler needs; cheap to clone (all shared behind `Arc`).
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<RegistryMetrics>,
     pub max_body_bytes: usize,
     pub started: Instant,
@@ -49,9 +49,9 @@ impl Default for ApiConfig {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<RegistryMetrics>, config: &ApiConfig) -> Self {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<RegistryMetrics>, config: &ApiConfig) -> Self {
         AppState {
-            store,
+            registry,
             metrics,
             max_body_bytes: config.max_body_bytes,
             started: Instant::now(),
@@ -61,17 +61,17 @@ impl AppState {
 
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
     Router::new()
-        .route("/register", post(registry::register))
+        .route("/register", post(entries::register))
         .route(
             "/heartbeat",
-            post(registry::heartbeat).put(registry::heartbeat),
+            post(entries::heartbeat).put(entries::heartbeat),
         )
-        .route("/deregister", post(registry::deregister_body))
-        .route("/deregister/{name}", delete(registry::deregister_path))
-        .route("/services", get(registry::list))
-        .route("/services/{name}", get(registry::get_service))
-        .route("/discover", get(registry::discover))
-        .route("/promote", post(registry::promote))
+        .route("/deregister", post(entries::deregister_body))
+        .route("/deregister/{name}", delete(entries::deregister_path))
+        .route("/services", get(entries::list))
+        .route("/services/{name}", get(entries::get_service))
+        .route("/discover", get(entries::discover))
+        .route("/promote", post(entries::promote))
         .route("/health", get(health::health))
         .route("/metrics", get(health::metrics))
         .fallback(not_found)

@@ -5,6 +5,7 @@
 //! the HTTP layer. Resilience (circuit breaker, fallback cache) wraps a store from the outside
 //! rather than living inside either.
 
+mod link;
 mod memory;
 mod redis;
 
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::model::{HeartbeatReport, Instance, Registered, Registration, Target};
 
+pub use self::link::MasterSource;
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisConfig, RedisStore};
 
@@ -26,6 +28,24 @@ pub enum StoreError {
     /// The backend answered something this code does not understand: a bug or a foreign key.
     #[error("store returned unexpected data: {0}")]
     Corrupt(String),
+    /// The change reached the master but too few replicas confirmed it in time. It is not
+    /// acknowledged; retrying is safe because every change is idempotent.
+    #[error("{0}")]
+    NotReplicated(String),
+    /// The circuit breaker in front of the store is open: the call was not even made.
+    #[error("the circuit breaker is open after repeated store failures; next probe in {} ms", retry_in.as_millis())]
+    CircuitOpen { retry_in: Duration },
+}
+
+impl StoreError {
+    /// The store could not be reached at all (as opposed to answering something unexpected):
+    /// the case in which cached answers may stand in.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::CircuitOpen { .. }
+        )
+    }
 }
 
 /// The result of a heartbeat: how many instances were refreshed (0 = unknown or expired).
@@ -66,4 +86,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// "redis" or "memory", for `/health` and the start-up log.
     fn backend(&self) -> &'static str;
+
+    /// The address of the node serving the store now, where that can change (failover).
+    fn master(&self) -> Option<String> {
+        None
+    }
 }

@@ -3,17 +3,24 @@
 //! Every change is one Lua script (see `lua/`), so a replica that dies mid-request never leaves
 //! half an entry, and scripts read Redis's own clock so replicas with skewed clocks agree on
 //! what has expired. Lookups walk the per-service index: O(instances of that service), never a
-//! scan of the keyspace. Every call is bounded by `command_timeout`, so a hung Redis fails the
-//! request fast instead of holding it.
+//! scan of the keyspace. Every call is bounded (see `link`), so a hung Redis fails the request
+//! fast instead of holding it.
+//!
+//! Changes other than heartbeats are acknowledged only once `min_replica_acks` replicas have
+//! them (`WAIT`), so a failover cannot lose a registration the caller was told about. A
+//! heartbeat lost in a failover costs at most one early expiry, which the client repairs by
+//! re-registering on the 404.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
 
+use super::link::{LinkConfig, MasterLink, MasterSource};
 use super::{Refreshed, Store, StoreError};
 use crate::model::{
     Descriptor, HeartbeatReport, Instance, Registered, Registration, Status, Target,
@@ -22,11 +29,15 @@ use crate::model::{
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    pub url: String,
+    pub source: MasterSource,
     /// Prefix of every key, so that several registries can share one Redis.
     pub key_prefix: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Replicas that must confirm a change before it is acknowledged (0: do not wait).
+    pub min_replica_acks: u32,
+    /// How long to wait for those confirmations.
+    pub replica_ack_timeout: Duration,
 }
 
 struct Scripts {
@@ -59,57 +70,93 @@ impl Scripts {
 }
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Arc<MasterLink>,
     prefix: String,
-    timeout: Duration,
-    scripts: Scripts,
+    min_acks: u32,
+    ack_timeout: Duration,
+    write_limit: Duration,
+    scripts: Arc<Scripts>,
 }
 
 impl RedisStore {
     /// Builds the store without connecting: a replica must start (and say it is not ready)
     /// while Redis is still coming up.
     pub fn new(config: &RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if let MasterSource::Direct(url) = &config.source {
+            redis::Client::open(url.as_str())
+                .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        }
+        let link = MasterLink::new(LinkConfig {
+            source: config.source.clone(),
+            connect_timeout: config.connect_timeout,
+            command_timeout: config.command_timeout,
+            pool_size: 4,
+        });
         Ok(RedisStore {
-            conn,
+            link,
             prefix: config.key_prefix.clone(),
-            timeout: config.command_timeout,
-            scripts: Scripts::load(),
+            min_acks: config.min_replica_acks,
+            ack_timeout: config.replica_ack_timeout,
+            write_limit: config.command_timeout + config.replica_ack_timeout,
+            scripts: Arc::new(Scripts::load()),
         })
     }
 
-    async fn bounded<T>(
-        &self,
-        fut: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result.map_err(classify),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "Redis did not answer within {} ms",
-                self.timeout.as_millis()
-            ))),
+    /// Runs a change, then waits until enough replicas confirm it. Too few confirmations is
+    /// an error: the change is on the master but could still be lost in a failover.
+    async fn write<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let min = self.min_acks;
+        let wait_ms = u64::try_from(self.ack_timeout.as_millis()).unwrap_or(u64::MAX);
+        let (value, acks) = self
+            .link
+            .run_for(self.write_limit, |mut conn| {
+                let fut = op(conn.clone());
+                async move {
+                    let value = fut.await?;
+                    if min == 0 {
+                        return Ok((value, 0));
+                    }
+                    let acks: u32 = redis::cmd("WAIT")
+                        .arg(min)
+                        .arg(wait_ms)
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok((value, acks))
+                }
+            })
+            .await?;
+        if acks < min {
+            return Err(StoreError::NotReplicated(format!(
+                "the change reached the Redis master but only {acks} of the required {min} \
+                 replica(s) confirmed it within {wait_ms} ms; it may be lost if the master \
+                 fails now. Retrying is safe"
+            )));
         }
+        Ok(value)
     }
 
     async fn read_instances(&self, mode: &str, name: &str) -> Result<Vec<Instance>, StoreError> {
-        let mut conn = self.conn.clone();
         let rows: Vec<Vec<String>> = self
-            .bounded(
-                self.scripts
-                    .read
-                    .arg(&self.prefix)
-                    .arg(mode)
-                    .arg(name)
-                    .invoke_async(&mut conn),
-            )
+            .link
+            .run(|mut conn| {
+                let scripts = self.scripts.clone();
+                let (prefix, mode, name) =
+                    (self.prefix.clone(), mode.to_string(), name.to_string());
+                async move {
+                    scripts
+                        .read
+                        .arg(prefix)
+                        .arg(mode)
+                        .arg(name)
+                        .invoke_async(&mut conn)
+                        .await
+                }
+            })
             .await?;
         rows.into_iter().map(parse_instance).collect()
     }
@@ -124,19 +171,18 @@ impl Store for RedisStore {
     async fn register(&self, reg: &Registration) -> Result<Registered, StoreError> {
         let descriptor = serde_json::to_string(&reg.descriptor)
             .map_err(|e| StoreError::Corrupt(format!("descriptor does not serialize: {e}")))?;
-        let mut conn = self.conn.clone();
+        let ttl_ms = u64::try_from(reg.ttl.as_millis()).unwrap_or(u64::MAX);
         let (created, registered_at_ms): (u8, u64) = self
-            .bounded(
-                self.scripts
-                    .register
-                    .arg(&self.prefix)
+            .write(|mut conn| {
+                let mut call = self.scripts.register.prepare_invoke();
+                call.arg(&self.prefix)
                     .arg(&reg.service_name)
                     .arg(&reg.instance_id)
-                    .arg(descriptor)
+                    .arg(&descriptor)
                     .arg(&reg.role)
-                    .arg(u64::try_from(reg.ttl.as_millis()).unwrap_or(u64::MAX))
-                    .invoke_async(&mut conn),
-            )
+                    .arg(ttl_ms);
+                async move { call.invoke_async(&mut conn).await }
+            })
             .await?;
         Ok(Registered {
             created: created == 1,
@@ -149,48 +195,43 @@ impl Store for RedisStore {
         target: &Target,
         report: &HeartbeatReport,
     ) -> Result<Refreshed, StoreError> {
-        let mut conn = self.conn.clone();
         let count: usize = self
-            .bounded(
-                self.scripts
-                    .heartbeat
-                    .arg(&self.prefix)
+            .link
+            .run(|mut conn| {
+                let mut call = self.scripts.heartbeat.prepare_invoke();
+                call.arg(&self.prefix)
                     .arg(&target.service_name)
                     .arg(target.instance_id.as_deref().unwrap_or(""))
                     .arg(opt(report.status))
                     .arg(opt(report.p95_ms))
                     .arg(opt(report.queue_depth))
-                    .arg(opt(report.load))
-                    .invoke_async(&mut conn),
-            )
+                    .arg(opt(report.load));
+                async move { call.invoke_async(&mut conn).await }
+            })
             .await?;
         Ok(Refreshed { count })
     }
 
     async fn deregister(&self, target: &Target) -> Result<usize, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(
-            self.scripts
-                .deregister
-                .arg(&self.prefix)
+        self.write(|mut conn| {
+            let mut call = self.scripts.deregister.prepare_invoke();
+            call.arg(&self.prefix)
                 .arg(&target.service_name)
-                .arg(target.instance_id.as_deref().unwrap_or(""))
-                .invoke_async(&mut conn),
-        )
+                .arg(target.instance_id.as_deref().unwrap_or(""));
+            async move { call.invoke_async(&mut conn).await }
+        })
         .await
     }
 
     async fn promote(&self, target: &Target, role: &str) -> Result<usize, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(
-            self.scripts
-                .promote
-                .arg(&self.prefix)
+        self.write(|mut conn| {
+            let mut call = self.scripts.promote.prepare_invoke();
+            call.arg(&self.prefix)
                 .arg(&target.service_name)
                 .arg(target.instance_id.as_deref().unwrap_or(""))
-                .arg(role)
-                .invoke_async(&mut conn),
-        )
+                .arg(role);
+            async move { call.invoke_async(&mut conn).await }
+        })
         .await
     }
 
@@ -203,26 +244,23 @@ impl Store for RedisStore {
     }
 
     async fn service_names(&self) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
         let mut names: Vec<String> = self
-            .bounded(
-                self.scripts
-                    .read
-                    .arg(&self.prefix)
-                    .arg("names")
-                    .arg("")
-                    .invoke_async(&mut conn),
-            )
+            .link
+            .run(|mut conn| {
+                let mut call = self.scripts.read.prepare_invoke();
+                call.arg(&self.prefix).arg("names").arg("");
+                async move { call.invoke_async(&mut conn).await }
+            })
             .await?;
         names.sort();
         Ok(names)
     }
 
     async fn ping(&self) -> Result<Duration, StoreError> {
-        let mut conn = self.conn.clone();
         let started = Instant::now();
         let _: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .link
+            .run(|mut conn| async move { redis::cmd("PING").query_async(&mut conn).await })
             .await?;
         Ok(started.elapsed())
     }
@@ -230,23 +268,9 @@ impl Store for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
     }
-}
 
-/// Connection trouble and a master that cannot take writes are worth a retry; anything else
-/// means Redis holds or answered something this code did not write.
-fn classify(e: RedisError) -> StoreError {
-    let transient = e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.code(),
-            Some("READONLY" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "NOREPLICAS")
-        );
-    if transient {
-        StoreError::Unavailable(e.to_string())
-    } else {
-        StoreError::Corrupt(e.to_string())
+    fn master(&self) -> Option<String> {
+        self.link.master_addr()
     }
 }
 

@@ -10,10 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rollcall::api::ApiConfig;
 use rollcall::launch::RedisServer;
-use rollcall::server::{self, ReplicaHandle};
-use rollcall::store::{RedisConfig, RedisStore};
+use rollcall::server::{self, Options, ReplicaHandle};
+use rollcall::store::{MasterSource, RedisConfig, RedisStore};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -26,10 +25,12 @@ pub struct Cluster {
 
 pub fn redis_config(url: String) -> RedisConfig {
     RedisConfig {
-        url,
+        source: MasterSource::Direct(url),
         key_prefix: "rollcall:".into(),
         connect_timeout: Duration::from_millis(500),
         command_timeout: Duration::from_millis(500),
+        min_replica_acks: 0,
+        replica_ack_timeout: Duration::from_millis(500),
     }
 }
 
@@ -44,7 +45,7 @@ impl Cluster {
             let store = RedisStore::new(&redis_config(redis.url())).expect("store");
             let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
             handles.push(
-                server::spawn(addr, Arc::new(store), ApiConfig::default())
+                server::spawn(addr, Arc::new(store), Options::default())
                     .await
                     .expect("replica starts"),
             );

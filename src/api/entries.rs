@@ -1,9 +1,12 @@
 //! Handlers for the entries themselves: register, heartbeat, deregister, list, get, discover,
 //! promote. Each validates its whole input first, then makes exactly one store call.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -17,12 +20,15 @@ use crate::validate::{
 
 type ApiResult<T> = Result<T, ApiError>;
 
+pub const STALE_HEADER: &str = "x-rollcall-stale";
+pub const STALE_AGE_HEADER: &str = "x-rollcall-stale-age";
+
 pub async fn register(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let reg = body.validate()?;
-    let done = state.store.register(&reg).await?;
+    let done = state.registry.register(&reg).await?;
     tracing::info!(
         service = %reg.service_name,
         instance = %reg.instance_id,
@@ -56,7 +62,7 @@ pub async fn heartbeat(
     JsonBody(body): JsonBody<HeartbeatBody>,
 ) -> ApiResult<Json<Value>> {
     let (target, report) = body.validate()?;
-    let refreshed = state.store.heartbeat(&target, &report).await?;
+    let refreshed = state.registry.heartbeat(&target, &report).await?;
     if refreshed.count == 0 {
         return Err(ApiError::NotFound(format!(
             "{} is not registered or has expired; register again",
@@ -103,7 +109,7 @@ pub async fn deregister_body(
 }
 
 async fn deregister(state: &AppState, target: Target) -> ApiResult<Json<Value>> {
-    let removed = state.store.deregister(&target).await?;
+    let removed = state.registry.deregister(&target).await?;
     if removed == 0 {
         return Err(ApiError::NotFound(format!(
             "{} is not registered",
@@ -119,22 +125,25 @@ async fn deregister(state: &AppState, target: Target) -> ApiResult<Json<Value>> 
     })))
 }
 
-pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<String>>> {
-    let names = state.store.service_names().await?;
-    state
-        .metrics
-        .active_services
-        .set(i64::try_from(names.len()).unwrap_or(i64::MAX));
-    Ok(Json(names))
+pub async fn list(State(state): State<AppState>) -> ApiResult<Response> {
+    let names = state.registry.service_names().await?;
+    if names.stale_age.is_none() {
+        state
+            .metrics
+            .active_services
+            .set(i64::try_from(names.value.len()).unwrap_or(i64::MAX));
+    }
+    Ok(with_staleness(names.stale_age, Json(names.value)))
 }
 
 pub async fn get_service(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     service_name_rule("service_name", &name)?;
-    let instances = state.store.instances(&name).await?;
-    let Some(chosen) = Instance::pick_representative(&instances) else {
+    let read = state.registry.instances(&name).await?;
+    let instances = &read.value;
+    let Some(chosen) = Instance::pick_representative(instances) else {
         return Err(ApiError::NotFound(format!(
             "service {name} has no live instance"
         )));
@@ -142,25 +151,29 @@ pub async fn get_service(
     // The top level describes one instance, in the shape old clients read.
     let mut body = instance_json(chosen);
     body["instances"] = instances.iter().map(instance_json).collect();
-    Ok(Json(body))
+    body["stale"] = Value::Bool(read.stale_age.is_some());
+    if let Some(age) = read.stale_age {
+        body["stale_age_s"] = json!(age.as_secs_f64());
+    }
+    Ok(with_staleness(read.stale_age, Json(body)))
 }
 
 pub async fn discover(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<Response> {
     let filter = DiscoverFilter::parse(query.as_deref())?;
-    let instances = match &filter.name {
-        Some(name) => state.store.instances(name).await?,
-        None => state.store.all_instances().await?,
+    let read = match &filter.name {
+        Some(name) => state.registry.instances(name).await?,
+        None => state.registry.all_instances().await?,
     };
-    Ok(Json(
-        instances
-            .iter()
-            .filter(|i| filter.matches(i))
-            .map(instance_json)
-            .collect(),
-    ))
+    let found: Vec<Value> = read
+        .value
+        .iter()
+        .filter(|i| filter.matches(i))
+        .map(instance_json)
+        .collect();
+    Ok(with_staleness(read.stale_age, Json(found)))
 }
 
 pub async fn promote(
@@ -168,7 +181,7 @@ pub async fn promote(
     JsonBody(body): JsonBody<PromoteBody>,
 ) -> ApiResult<Json<Value>> {
     let (target, role) = body.validate()?;
-    let promoted = state.store.promote(&target, &role).await?;
+    let promoted = state.registry.promote(&target, &role).await?;
     if promoted == 0 {
         return Err(ApiError::NotFound(format!(
             "{} is not registered or has expired",
@@ -183,6 +196,18 @@ pub async fn promote(
         "role": role,
         "instances_promoted": promoted,
     })))
+}
+
+/// Marks answers served from the fallback cache; JSON arrays cannot carry a `stale` field,
+/// so the header is the one signal every read has.
+fn with_staleness(stale_age: Option<Duration>, body: impl IntoResponse) -> Response {
+    let mut response = body.into_response();
+    if let Some(age) = stale_age {
+        let headers = response.headers_mut();
+        headers.insert(STALE_HEADER, HeaderValue::from_static("true"));
+        headers.insert(STALE_AGE_HEADER, HeaderValue::from(age.as_secs()));
+    }
+    response
 }
 
 fn describe(target: &Target) -> String {

@@ -1,0 +1,391 @@
+//! The registry as the HTTP layer sees it: a store behind a circuit breaker, with a fallback
+//! cache of the last good answers.
+//!
+//! - Every store call goes through the breaker; only "unreachable" errors count as failures.
+//! - Every successful read refreshes the cache, and so do registrations, deregistrations and
+//!   promotions (patched in place). Entries older than `stale_max_age` are evicted.
+//! - A read that cannot reach the store (error, or breaker open) is served from the cache if
+//!   it has the answer, marked stale with its age; otherwise the error stands.
+//! - While the breaker is closed and the store answers, the store is the truth: the cache is
+//!   never consulted, so replicas never disagree because of it.
+//! - Writes are never cached or queued: while the store is unreachable they fail with 503 and
+//!   `Retry-After`, so no 2xx can quietly disappear.
+//! - A background prober pings the store once the cool-down has passed, so the breaker closes
+//!   within moments of the store returning even when no request arrives.
+
+use std::future::Future;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use moka::sync::Cache;
+use tokio::time::Instant;
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
+use crate::metrics::RegistryMetrics;
+use crate::model::{HeartbeatReport, Instance, Registered, Registration, Status, Target};
+use crate::store::{Refreshed, Store, StoreError};
+
+#[derive(Debug, Clone, Copy)]
+pub struct ResilienceConfig {
+    pub breaker: BreakerConfig,
+    /// The oldest cached answer a read may be served while the store is unreachable.
+    pub stale_max_age: Duration,
+    pub cache_capacity: u64,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig {
+            breaker: BreakerConfig {
+                threshold: 3,
+                cooldown: Duration::from_millis(500),
+            },
+            stale_max_age: Duration::from_secs(60),
+            cache_capacity: 10_000,
+        }
+    }
+}
+
+/// A read's answer; `stale_age` is set when it came from the fallback cache.
+#[derive(Debug, Clone)]
+pub struct Read<T> {
+    pub value: T,
+    pub stale_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Names,
+    All,
+    Service(String),
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    Names(Vec<String>),
+    Instances(Vec<Instance>),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Value,
+    fetched_at: Instant,
+}
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    breaker: Arc<Breaker>,
+    cache: Cache<Key, Arc<Entry>>,
+    metrics: Arc<RegistryMetrics>,
+    config: ResilienceConfig,
+}
+
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+impl Registry {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: ResilienceConfig,
+        metrics: Arc<RegistryMetrics>,
+    ) -> Arc<Self> {
+        let on_transition = {
+            let metrics = metrics.clone();
+            move |state: BreakerState| {
+                metrics
+                    .breaker_open
+                    .set(i64::from(state != BreakerState::Closed));
+                metrics
+                    .breaker_transitions
+                    .with_label_values(&[state.as_str()])
+                    .inc();
+                match state {
+                    BreakerState::Open => {
+                        tracing::warn!(
+                            "circuit breaker OPEN: serving reads from cache, refusing writes"
+                        )
+                    }
+                    BreakerState::HalfOpen => tracing::info!("circuit breaker half-open: probing"),
+                    BreakerState::Closed => tracing::info!("circuit breaker closed: store is back"),
+                }
+            }
+        };
+        let registry = Arc::new(Registry {
+            store,
+            breaker: Breaker::new(config.breaker, on_transition),
+            cache: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(config.stale_max_age)
+                .build(),
+            metrics,
+            config,
+        });
+        tokio::spawn(probe(Arc::downgrade(&registry)));
+        registry
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    pub fn master(&self) -> Option<String> {
+        self.store.master()
+    }
+
+    pub fn breaker(&self) -> BreakerSnapshot {
+        self.breaker.snapshot()
+    }
+
+    pub fn breaker_threshold(&self) -> u32 {
+        self.breaker.config().threshold
+    }
+
+    pub fn cache_entries(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    pub fn stale_max_age(&self) -> Duration {
+        self.config.stale_max_age
+    }
+
+    /// A direct round trip to the store, bypassing the breaker: `/health` must say what is
+    /// true now, not what the breaker last concluded.
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        self.store.ping().await
+    }
+
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let permit = self
+            .breaker
+            .try_acquire()
+            .map_err(|r| StoreError::CircuitOpen {
+                retry_in: r.retry_in,
+            })?;
+        let result = call.await;
+        match &result {
+            Err(StoreError::Unavailable(_)) => permit.failed(),
+            _ => permit.succeeded(),
+        }
+        result
+    }
+
+    pub async fn register(&self, reg: &Registration) -> Result<Registered, StoreError> {
+        let done = self.guarded(self.store.register(reg)).await?;
+        let now = SystemTime::now();
+        let instance = Instance {
+            service_name: reg.service_name.clone(),
+            instance_id: reg.instance_id.clone(),
+            role: reg.role.clone(),
+            ttl: reg.ttl,
+            descriptor: reg.descriptor.clone(),
+            registered_at: done.registered_at,
+            last_heartbeat: now,
+            status: Status::Ok,
+            p95_ms: None,
+            queue_depth: None,
+            load: None,
+            ttl_remaining: reg.ttl,
+        };
+        self.patch_instances(&reg.service_name, |list| {
+            list.retain(|i| i.instance_id != instance.instance_id);
+            list.push(instance.clone());
+        });
+        if let Some(entry) = self.cache.get(&Key::Names)
+            && let Value::Names(names) = &entry.value
+            && !names.contains(&reg.service_name)
+        {
+            let mut names = names.clone();
+            names.push(reg.service_name.clone());
+            names.sort();
+            self.put(Key::Names, Value::Names(names), entry.fetched_at);
+        }
+        Ok(done)
+    }
+
+    pub async fn heartbeat(
+        &self,
+        target: &Target,
+        report: &HeartbeatReport,
+    ) -> Result<Refreshed, StoreError> {
+        self.guarded(self.store.heartbeat(target, report)).await
+    }
+
+    pub async fn deregister(&self, target: &Target) -> Result<usize, StoreError> {
+        let removed = self.guarded(self.store.deregister(target)).await?;
+        self.patch_instances(&target.service_name, |list| {
+            list.retain(|i| !matches_target(i, target));
+        });
+        let left = self
+            .cache
+            .get(&Key::Service(target.service_name.clone()))
+            .is_some_and(|e| matches!(&e.value, Value::Instances(l) if !l.is_empty()));
+        if !left
+            && let Some(entry) = self.cache.get(&Key::Names)
+            && let Value::Names(names) = &entry.value
+        {
+            let names = names
+                .iter()
+                .filter(|n| **n != target.service_name)
+                .cloned()
+                .collect();
+            self.put(Key::Names, Value::Names(names), entry.fetched_at);
+        }
+        Ok(removed)
+    }
+
+    pub async fn promote(&self, target: &Target, role: &str) -> Result<usize, StoreError> {
+        let promoted = self.guarded(self.store.promote(target, role)).await?;
+        self.patch_instances(&target.service_name, |list| {
+            for i in list.iter_mut().filter(|i| matches_target(i, target)) {
+                i.role = role.to_string();
+            }
+        });
+        Ok(promoted)
+    }
+
+    pub async fn instances(&self, service_name: &str) -> Result<Read<Vec<Instance>>, StoreError> {
+        let key = Key::Service(service_name.to_string());
+        match self.guarded(self.store.instances(service_name)).await {
+            Ok(list) => {
+                if list.is_empty() {
+                    self.cache.invalidate(&key);
+                } else {
+                    self.put(key, Value::Instances(list.clone()), Instant::now());
+                }
+                Ok(fresh(list))
+            }
+            Err(e) => self.fallback_instances(&key, e),
+        }
+    }
+
+    pub async fn all_instances(&self) -> Result<Read<Vec<Instance>>, StoreError> {
+        match self.guarded(self.store.all_instances()).await {
+            Ok(list) => {
+                self.put(Key::All, Value::Instances(list.clone()), Instant::now());
+                Ok(fresh(list))
+            }
+            Err(e) => self.fallback_instances(&Key::All, e),
+        }
+    }
+
+    pub async fn service_names(&self) -> Result<Read<Vec<String>>, StoreError> {
+        match self.guarded(self.store.service_names()).await {
+            Ok(names) => {
+                self.put(Key::Names, Value::Names(names.clone()), Instant::now());
+                Ok(fresh(names))
+            }
+            Err(e) if e.is_unreachable() => match self.cache.get(&Key::Names) {
+                Some(entry) => match &entry.value {
+                    Value::Names(names) => Ok(self.stale(names.clone(), &entry)),
+                    Value::Instances(_) => Err(e),
+                },
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fallback_instances(
+        &self,
+        key: &Key,
+        e: StoreError,
+    ) -> Result<Read<Vec<Instance>>, StoreError> {
+        if !e.is_unreachable() {
+            return Err(e);
+        }
+        let Some(entry) = self.cache.get(key) else {
+            return Err(e);
+        };
+        let Value::Instances(list) = &entry.value else {
+            return Err(e);
+        };
+        let age = entry.fetched_at.elapsed();
+        let aged = list
+            .iter()
+            .map(|i| Instance {
+                ttl_remaining: i.ttl_remaining.saturating_sub(age),
+                ..i.clone()
+            })
+            .collect();
+        Ok(self.stale(aged, &entry))
+    }
+
+    fn stale<T>(&self, value: T, entry: &Entry) -> Read<T> {
+        self.metrics.stale_reads.inc();
+        Read {
+            value,
+            stale_age: Some(entry.fetched_at.elapsed()),
+        }
+    }
+
+    fn put(&self, key: Key, value: Value, fetched_at: Instant) {
+        self.cache
+            .insert(key, Arc::new(Entry { value, fetched_at }));
+    }
+
+    /// Applies a successful write to the cached instance lists that hold the service.
+    fn patch_instances(&self, service: &str, change: impl Fn(&mut Vec<Instance>)) {
+        let key = Key::Service(service.to_string());
+        for k in [key, Key::All] {
+            let Some(entry) = self.cache.get(&k) else {
+                continue;
+            };
+            let Value::Instances(list) = &entry.value else {
+                continue;
+            };
+            let mut others: Vec<Instance> = Vec::new();
+            let mut mine: Vec<Instance> = Vec::new();
+            for i in list {
+                if i.service_name == service {
+                    mine.push(i.clone());
+                } else {
+                    others.push(i.clone());
+                }
+            }
+            change(&mut mine);
+            others.extend(mine);
+            self.put(k, Value::Instances(others), entry.fetched_at);
+        }
+    }
+}
+
+fn fresh<T>(value: T) -> Read<T> {
+    Read {
+        value,
+        stale_age: None,
+    }
+}
+
+fn matches_target(i: &Instance, target: &Target) -> bool {
+    i.service_name == target.service_name
+        && target
+            .instance_id
+            .as_ref()
+            .is_none_or(|id| *id == i.instance_id)
+}
+
+/// Pings the store whenever the breaker is open and cooled down, so it closes without waiting
+/// for a request. Ends when the registry is dropped.
+async fn probe(registry: Weak<Registry>) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        if !registry.breaker.probe_due() {
+            continue;
+        }
+        let Ok(permit) = registry.breaker.try_acquire() else {
+            continue;
+        };
+        match registry.store.ping().await {
+            Ok(_) => permit.succeeded(),
+            Err(_) => permit.failed(),
+        }
+    }
+}
