@@ -22,8 +22,8 @@ use crate::store::{MasterSource, RedisConfig};
     long_about = "rollcall keeps track of which HTTP services are alive and where.\n\
         Services register and heartbeat; entries expire by TTL in Redis; any replica\n\
         answers any request.\n\n\
-        Quick start:  rollcall dev        (Redis + a replica on this machine)\n\
-        Production:   rollcall serve --redis-url redis://redis:6379"
+        Quick start:  rollcall dev        (the whole HA cluster on this machine)\n\
+        Production:   rollcall serve --sentinels s1:26379,s2:26379,s3:26379"
 )]
 pub struct Cli {
     /// Log format: human-readable text or one JSON object per line. Level: RUST_LOG.
@@ -43,8 +43,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a registry replica (stateless; entries live in Redis).
-    Serve(ServeArgs),
-    /// Run Redis and a registry replica on this machine, for development; Ctrl-C stops both.
+    Serve(Box<ServeArgs>),
+    /// Run the whole HA cluster on this machine (Redis master + 2 replicas, 3 Sentinels,
+    /// 3 registry replicas, nginx); Ctrl-C stops everything.
     Dev(DevArgs),
 }
 
@@ -108,6 +109,10 @@ pub struct Tuning {
     #[arg(long, env = "ROLLCALL_STALE_MAX_AGE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stale_max_age: Duration,
 
+    /// How often each replica reads the whole registry into its fallback cache.
+    #[arg(long, env = "ROLLCALL_SNAPSHOT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Duration,
+
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "ROLLCALL_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -119,21 +124,23 @@ pub struct Tuning {
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// Address of the registry replica.
-    #[arg(long, env = "ROLLCALL_DEV_LISTEN", default_value = "127.0.0.1:8888")]
-    pub listen: SocketAddr,
+    /// Port of the nginx load balancer in front of the registry replicas.
+    #[arg(long, env = "ROLLCALL_DEV_LB_PORT", default_value_t = 8888)]
+    pub lb_port: u16,
 
-    /// Port for redis-server; a free one is picked when not given.
-    #[arg(long, env = "ROLLCALL_DEV_REDIS_PORT")]
-    pub redis_port: Option<u16>,
+    /// First of the other ports: Redis nodes on BASE..BASE+2, Sentinels on BASE+10..BASE+12,
+    /// registry replicas on BASE+20..BASE+22.
+    #[arg(long, env = "ROLLCALL_DEV_PORT_BASE", default_value_t = 17000)]
+    pub port_base: u16,
 
-    /// Where Redis keeps its data and logs; a temporary directory (removed on exit) when
-    /// not given.
-    #[arg(long, env = "ROLLCALL_DEV_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub tuning: Tuning,
+    /// Where every process keeps its config, data and log, and where the state file for the
+    /// chaos scripts is written. Emptied at start if an earlier `rollcall dev` made it.
+    #[arg(
+        long,
+        env = "ROLLCALL_DEV_DATA_DIR",
+        default_value = "/tmp/rollcall-dev"
+    )]
+    pub data_dir: PathBuf,
 }
 
 impl Tuning {
@@ -149,6 +156,7 @@ impl Tuning {
                     cooldown: self.breaker_cooldown,
                 },
                 stale_max_age: self.stale_max_age,
+                snapshot_interval: self.snapshot_interval.max(Duration::from_millis(100)),
                 ..ResilienceConfig::default()
             },
         }

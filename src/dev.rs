@@ -1,57 +1,147 @@
-//! `rollcall dev`: the registry and its Redis on this machine, started from the system's
-//! `redis-server` through the same launcher the tests use, stopped cleanly on Ctrl-C.
+//! `rollcall dev`: the whole HA topology on this machine (like `consul agent -dev`), started
+//! from the system's `redis-server`, `redis-sentinel` and `nginx` through the same launcher the
+//! tests use. It writes a state file for the chaos scripts, restarts dead processes on SIGUSR1,
+//! and stops everything cleanly on Ctrl-C or SIGTERM.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::DevArgs;
-use crate::launch::{LaunchError, RedisServer};
-use crate::server::{self, shutdown_signal};
-use crate::store::RedisStore;
+use crate::launch::{LaunchError, Ports, Topology, TopologySpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    #[error("registry replica: {0}")]
-    Replica(String),
+    #[error("{0}")]
+    Setup(String),
 }
 
+/// The name of the file in the data directory that marks it as rollcall's own.
+pub const STATE_FILE: &str = "state.json";
+
 pub async fn run(args: DevArgs) -> Result<(), DevError> {
-    // `_temp` is held for the whole run: dropping it removes the temporary data directory.
-    let (dir, _temp) = match &args.data_dir {
-        Some(d) => (d.clone(), None),
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("rollcall-dev-")
-                .tempdir()
-                .map_err(|e| LaunchError::io("creating a temporary directory", e))?;
-            (t.path().to_path_buf(), Some(t))
-        }
+    let dir = args.data_dir.clone();
+    prepare_dir(&dir)?;
+    let bin = std::env::current_exe()
+        .map_err(|e| DevError::Setup(format!("cannot find the rollcall binary: {e}")))?;
+    let base = args.port_base;
+    let port = |offset: u16| base.checked_add(offset);
+    let spec = TopologySpec {
+        ports: Ports {
+            lb: Some(args.lb_port),
+            redis_base: port(0),
+            sentinel_base: port(10),
+            registry_base: port(20),
+        },
+        ..TopologySpec::standard(bin, dir.clone())
     };
-    let mut redis = RedisServer::start(&dir.join("redis"), args.redis_port).await?;
-    tracing::info!(url = %redis.url(), pid = redis.process().pid(), "redis-server ready");
+    println!("starting Redis master + 2 replicas, 3 Sentinels, 3 registry replicas, nginx ...");
+    let mut topology = Topology::start(spec).await?;
+    let state_path = dir.join(STATE_FILE);
+    write_state(&mut topology, &state_path)?;
 
-    let store = RedisStore::new(
-        &args
-            .tuning
-            .redis(crate::store::MasterSource::Direct(redis.url())),
-    )
-    .map_err(|e| DevError::Replica(e.to_string()))?;
-    let replica = server::spawn(args.listen, Arc::new(store), args.tuning.options())
-        .await
-        .map_err(|e| DevError::Replica(format!("cannot listen on {}: {e}", args.listen)))?;
-
+    println!();
     println!("rollcall dev is up");
-    println!("  registry  {}", replica.url());
-    println!("  redis     {}", redis.url());
-    println!("  data      {}", dir.display());
-    println!("Try: curl {}/health    Stop: Ctrl-C", replica.url());
-
-    shutdown_signal().await;
-    if let Err(e) = replica.stop().await {
-        tracing::warn!(error = %e, "replica did not stop cleanly");
+    println!("  registry (nginx LB)  {}", topology.lb_url());
+    for r in &topology.registries {
+        println!("  registry replica     {}", r.url());
     }
-    redis.stop();
-    tracing::info!("stopped");
+    for r in &topology.redis {
+        println!("  redis                {}", r.url());
+    }
+    println!(
+        "  sentinels            {}  (master set: {})",
+        topology.sentinel_addrs().join(","),
+        crate::launch::MASTER_NAME
+    );
+    println!("  state file           {}", state_path.display());
+    println!("Try: curl {}/health", topology.lb_url());
+    println!(
+        "Stop: Ctrl-C.  Restart killed processes: kill -USR1 {}",
+        std::process::id()
+    );
+
+    let mut usr1 = signal(SignalKind::user_defined1())
+        .map_err(|e| DevError::Setup(format!("cannot listen for SIGUSR1: {e}")))?;
+    let shutdown = crate::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = usr1.recv() => {
+                restart_dead(&mut topology).await;
+                write_state(&mut topology, &state_path)?;
+            }
+        }
+    }
+    println!("stopping ...");
+    topology.stop();
+    let _ = std::fs::remove_file(&state_path);
+    println!("stopped");
     Ok(())
+}
+
+fn write_state(topology: &mut Topology, path: &Path) -> Result<(), DevError> {
+    let mut state = topology.state();
+    state["dev_pid"] = serde_json::json!(std::process::id());
+    let text = serde_json::to_string_pretty(&state)
+        .map_err(|e| DevError::Setup(format!("encoding the state file: {e}")))?;
+    std::fs::write(path, text)
+        .map_err(|e| DevError::Setup(format!("writing {}: {e}", path.display())))
+}
+
+/// Brings back every process the chaos scripts killed, on its old port.
+async fn restart_dead(topology: &mut Topology) {
+    for r in &mut topology.redis {
+        if !r.process().is_running() {
+            report(r.process().name().to_string(), r.restart().await);
+        }
+    }
+    for s in &mut topology.sentinels {
+        if !s.process().is_running() {
+            let name = s.process().name().to_string();
+            report(name, s.process().respawn());
+        }
+    }
+    for r in &mut topology.registries {
+        if !r.process().is_running() {
+            report(r.process().name().to_string(), r.restart().await);
+        }
+    }
+    if !topology.nginx.process().is_running() {
+        let name = topology.nginx.process().name().to_string();
+        report(name, topology.nginx.process().respawn());
+    }
+}
+
+fn report(name: String, result: Result<(), LaunchError>) {
+    match result {
+        Ok(()) => println!("restarted {name}"),
+        Err(e) => eprintln!("could not restart {name}: {e}"),
+    }
+}
+
+/// Starts from a clean directory, but only deletes one that an earlier `rollcall dev` made.
+fn prepare_dir(dir: &PathBuf) -> Result<(), DevError> {
+    if dir.exists() {
+        let ours = dir.join(STATE_FILE).exists() || dir.join(".rollcall-dev").exists();
+        let empty = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !ours && !empty {
+            return Err(DevError::Setup(format!(
+                "{} exists and was not made by rollcall dev; pick another --data-dir",
+                dir.display()
+            )));
+        }
+        if ours {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| DevError::Setup(format!("cleaning {}: {e}", dir.display())))?;
+        }
+    }
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(".rollcall-dev"), ""))
+        .map_err(|e| DevError::Setup(format!("creating {}: {e}", dir.display())))
 }

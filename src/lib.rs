@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod cli;
 pub mod dev;
 pub mod launch;
+pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -12,6 +12,8 @@
 //!   `Retry-After`, so no 2xx can quietly disappear.
 //! - A background prober pings the store once the cool-down has passed, so the breaker closes
 //!   within moments of the store returning even when no request arrives.
+//! - A background refresher reads the whole registry every `snapshot_interval`, so a replica
+//!   can answer for any service during an outage, not only for the ones it happened to serve.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
@@ -31,6 +33,8 @@ pub struct ResilienceConfig {
     /// The oldest cached answer a read may be served while the store is unreachable.
     pub stale_max_age: Duration,
     pub cache_capacity: u64,
+    /// How often the whole registry is read into the cache while the store answers.
+    pub snapshot_interval: Duration,
 }
 
 impl Default for ResilienceConfig {
@@ -42,6 +46,7 @@ impl Default for ResilienceConfig {
             },
             stale_max_age: Duration::from_secs(60),
             cache_capacity: 10_000,
+            snapshot_interval: Duration::from_secs(5),
         }
     }
 }
@@ -120,6 +125,7 @@ impl Registry {
             config,
         });
         tokio::spawn(probe(Arc::downgrade(&registry)));
+        tokio::spawn(refresh(Arc::downgrade(&registry), config.snapshot_interval));
         registry
     }
 
@@ -277,13 +283,23 @@ impl Registry {
                 self.put(Key::Names, Value::Names(names.clone()), Instant::now());
                 Ok(fresh(names))
             }
-            Err(e) if e.is_unreachable() => match self.cache.get(&Key::Names) {
-                Some(entry) => match &entry.value {
-                    Value::Names(names) => Ok(self.stale(names.clone(), &entry)),
-                    Value::Instances(_) => Err(e),
-                },
-                None => Err(e),
-            },
+            Err(e) if e.is_unreachable() => {
+                if let Some(entry) = self.cache.get(&Key::Names)
+                    && let Value::Names(names) = &entry.value
+                {
+                    return Ok(self.stale(names.clone(), &entry));
+                }
+                // Derive the names from the latest whole-registry snapshot.
+                let all = self.fallback_instances(&Key::All, e)?;
+                let mut names: Vec<String> =
+                    all.value.into_iter().map(|i| i.service_name).collect();
+                names.sort();
+                names.dedup();
+                Ok(Read {
+                    value: names,
+                    stale_age: all.stale_age,
+                })
+            }
             Err(e) => Err(e),
         }
     }
@@ -296,8 +312,14 @@ impl Registry {
         if !e.is_unreachable() {
             return Err(e);
         }
-        let Some(entry) = self.cache.get(key) else {
-            return Err(e);
+        // A service this replica never read is answered from the whole-registry snapshot.
+        let (entry, only) = match (self.cache.get(key), key) {
+            (Some(entry), _) => (entry, None),
+            (None, Key::Service(name)) => match self.cache.get(&Key::All) {
+                Some(entry) => (entry, Some(name.as_str())),
+                None => return Err(e),
+            },
+            (None, _) => return Err(e),
         };
         let Value::Instances(list) = &entry.value else {
             return Err(e);
@@ -305,6 +327,7 @@ impl Registry {
         let age = entry.fetched_at.elapsed();
         let aged = list
             .iter()
+            .filter(|i| only.is_none_or(|name| i.service_name == name))
             .map(|i| Instance {
                 ttl_remaining: i.ttl_remaining.saturating_sub(age),
                 ..i.clone()
@@ -365,6 +388,24 @@ fn matches_target(i: &Instance, target: &Target) -> bool {
             .instance_id
             .as_ref()
             .is_none_or(|id| *id == i.instance_id)
+}
+
+/// Keeps a whole-registry snapshot in the cache while the store answers. Ends when the
+/// registry is dropped.
+async fn refresh(registry: Weak<Registry>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        if registry.breaker.snapshot().state == BreakerState::Closed
+            && let Err(e) = registry.all_instances().await
+        {
+            tracing::debug!(error = %e, "registry snapshot failed");
+        }
+    }
 }
 
 /// Pings the store whenever the breaker is open and cooled down, so it closes without waiting

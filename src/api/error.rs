@@ -93,6 +93,11 @@ impl From<StoreError> for ApiError {
                     .unwrap_or(u64::MAX)
                     .max(1),
             },
+            StoreError::FailoverInProgress { .. } => ApiError::Unavailable {
+                code: "failover_in_progress",
+                detail: e.to_string(),
+                retry_after_s: RETRY_AFTER_S,
+            },
             StoreError::NotReplicated(detail) => ApiError::Unavailable {
                 code: "not_replicated",
                 detail,

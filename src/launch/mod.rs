@@ -6,15 +6,24 @@
 //! and is started with a parent-death signal so that not even a killed test runner leaves
 //! one behind.
 
+mod nginx;
 mod ports;
 mod process;
 mod redis;
+mod registry;
+mod sentinel;
+mod topology;
 
+pub use self::nginx::Nginx;
 pub use self::ports::free_port;
 pub use self::process::ManagedProcess;
 pub use self::redis::RedisServer;
+pub use self::registry::RegistryProcess;
+pub use self::sentinel::{MASTER_NAME, Sentinel};
+pub use self::topology::{Ports, Topology, TopologySpec};
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// How long a started process may take to answer before the launch counts as failed.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,6 +56,48 @@ impl LaunchError {
             source,
         }
     }
+}
+
+/// Polls `check` until it succeeds, the process exits, or `READY_TIMEOUT` passes.
+pub(crate) async fn wait_until<T, F, Fut>(
+    process: &mut ManagedProcess,
+    mut check: F,
+) -> Result<T, LaunchError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if !process.is_running() {
+            return Err(LaunchError::NotReady {
+                name: process.name().to_string(),
+                detail: "the process exited".into(),
+                log: process.log_tail(20),
+            });
+        }
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(LaunchError::NotReady {
+                    name: process.name().to_string(),
+                    detail: format!("not ready within {READY_TIMEOUT:?}: {e}"),
+                    log: process.log_tail(20),
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Answers the HTTP status of `GET url`, for readiness checks.
+pub(crate) async fn http_status(url: &str) -> Result<u16, String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(1000))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
 }
 
 /// Fills the `{{key}}` placeholders of a config template from the repository.

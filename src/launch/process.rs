@@ -16,47 +16,55 @@ pub struct ManagedProcess {
     name: String,
     child: Child,
     log: PathBuf,
+    program: String,
+    args: Vec<String>,
+    binary: &'static str,
+    package: &'static str,
 }
 
 impl ManagedProcess {
-    /// Starts `cmd` with its output appended to `log`. `binary`/`package` name what to install
-    /// when the program is missing.
+    /// Starts `program args…` with its output appended to `log`. `binary`/`package` name what
+    /// to install when the program is missing.
     pub fn spawn(
         name: impl Into<String>,
-        mut cmd: Command,
+        program: &str,
+        args: Vec<String>,
         log: &Path,
         binary: &'static str,
         package: &'static str,
     ) -> Result<Self, LaunchError> {
         let name = name.into();
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| LaunchError::io(format!("opening {}", log.display()), e))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| LaunchError::io("duplicating a log handle", e))?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-        // async-signal-safe; it allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
-            });
-        }
-        let child = cmd.spawn().map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                LaunchError::Missing { binary, package }
-            } else {
-                LaunchError::io(format!("starting {name}"), e)
-            }
-        })?;
+        let child = start(&name, program, &args, log, binary, package)?;
         Ok(ManagedProcess {
             name,
             child,
             log: log.to_path_buf(),
+            program: program.to_string(),
+            args,
+            binary,
+            package,
         })
+    }
+
+    /// Starts the same command again (after `kill` or `terminate`), logging to the same file.
+    pub fn respawn(&mut self) -> Result<(), LaunchError> {
+        self.kill();
+        self.child = start(
+            &self.name,
+            &self.program,
+            &self.args,
+            &self.log,
+            self.binary,
+            self.package,
+        )?;
+        Ok(())
+    }
+
+    /// The command line, for the state file that chaos scripts read.
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.program.clone())
+            .chain(self.args.iter().cloned())
+            .collect()
     }
 
     pub fn name(&self) -> &str {
@@ -114,6 +122,39 @@ impl ManagedProcess {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+fn start(
+    name: &str,
+    program: &str,
+    args: &[String],
+    log: &Path,
+    binary: &'static str,
+    package: &'static str,
+) -> Result<Child, LaunchError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| LaunchError::io(format!("opening {}", log.display()), e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| LaunchError::io("duplicating a log handle", e))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from));
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            LaunchError::Missing { binary, package }
+        } else {
+            LaunchError::io(format!("starting {name}"), e)
+        }
+    })
 }
 
 impl Drop for ManagedProcess {

@@ -1,10 +1,9 @@
 //! A real `redis-server` on a loopback port, configured from `redis-sentinel/redis.conf`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{LaunchError, ManagedProcess, READY_TIMEOUT, free_port, render};
+use super::{LaunchError, ManagedProcess, free_port, render, wait_until};
 
 const TEMPLATE: &str = include_str!("../../redis-sentinel/redis.conf");
 const PORT_ATTEMPTS: usize = 5;
@@ -16,10 +15,27 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts redis-server with its data and log in `dir` (created if missing) and waits until
-    /// it answers PING. With `port` None a free port is picked, and picked again if another
+    /// Starts a master with its data and log in `dir` (created if missing) and waits until it
+    /// answers PING. With `port` None a free port is picked, and picked again if another
     /// process takes it first.
     pub async fn start(dir: &Path, port: Option<u16>) -> Result<Self, LaunchError> {
+        Self::start_with(dir, port, None).await
+    }
+
+    /// Starts a replica of the master on `master_port`.
+    pub async fn start_replica(
+        dir: &Path,
+        port: Option<u16>,
+        master_port: u16,
+    ) -> Result<Self, LaunchError> {
+        Self::start_with(dir, port, Some(master_port)).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        port: Option<u16>,
+        replica_of: Option<u16>,
+    ) -> Result<Self, LaunchError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LaunchError::io(format!("creating {}", dir.display()), e))?;
         let attempts = if port.is_some() { 1 } else { PORT_ATTEMPTS };
@@ -29,7 +45,7 @@ impl RedisServer {
                 Some(p) => p,
                 None => free_port().map_err(|e| LaunchError::io("picking a free port", e))?,
             };
-            match Self::start_on(dir, port).await {
+            match Self::start_on(dir, port, replica_of).await {
                 Ok(server) => return Ok(server),
                 Err(e) => last = Some(e),
             }
@@ -41,26 +57,30 @@ impl RedisServer {
         }))
     }
 
-    async fn start_on(dir: &Path, port: u16) -> Result<Self, LaunchError> {
-        let dir_text = dir.display().to_string();
-        let port_text = port.to_string();
+    async fn start_on(dir: &Path, port: u16, replica_of: Option<u16>) -> Result<Self, LaunchError> {
+        let node_dir = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&node_dir)
+            .map_err(|e| LaunchError::io(format!("creating {}", node_dir.display()), e))?;
         let config = render(
             TEMPLATE,
             &[
                 ("bind", "127.0.0.1"),
-                ("port", &port_text),
-                ("dir", &dir_text),
+                ("port", &port.to_string()),
+                ("dir", &node_dir.display().to_string()),
             ],
         );
-        let config_path = dir.join(format!("redis-{port}.conf"));
+        let config_path = node_dir.join("redis.conf");
         std::fs::write(&config_path, config)
             .map_err(|e| LaunchError::io(format!("writing {}", config_path.display()), e))?;
-        let mut cmd = Command::new("redis-server");
-        cmd.arg(&config_path);
+        let mut args = vec![config_path.display().to_string()];
+        if let Some(master) = replica_of {
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+        }
         let mut process = ManagedProcess::spawn(
             format!("redis-server:{port}"),
-            cmd,
-            &dir.join(format!("redis-{port}.log")),
+            "redis-server",
+            args,
+            &node_dir.join("redis.log"),
             "redis-server",
             "redis-server",
         )?;
@@ -68,7 +88,7 @@ impl RedisServer {
         Ok(RedisServer {
             process,
             port,
-            dir: dir.to_path_buf(),
+            dir: node_dir,
         })
     }
 
@@ -92,39 +112,30 @@ impl RedisServer {
     pub fn stop(&mut self) {
         self.process.terminate(Duration::from_secs(5));
     }
+
+    /// Starts it again on the same port with the same data, and waits for PING.
+    pub async fn restart(&mut self) -> Result<(), LaunchError> {
+        self.process.respawn()?;
+        wait_for_ping(&mut self.process, self.port).await
+    }
 }
 
-/// Polls PING until it answers, the process dies, or `READY_TIMEOUT` passes.
+/// Polls PING until it answers, the process dies, or the launch deadline passes.
 pub(super) async fn wait_for_ping(
     process: &mut ManagedProcess,
     port: u16,
 ) -> Result<(), LaunchError> {
-    let deadline = Instant::now() + READY_TIMEOUT;
     let url = format!("redis://127.0.0.1:{port}");
-    loop {
-        if !process.is_running() {
-            return Err(LaunchError::NotReady {
-                name: process.name().to_string(),
-                detail: "the process exited".into(),
-                log: process.log_tail(20),
-            });
-        }
-        let last_error = match ping(&url).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            return Err(LaunchError::NotReady {
-                name: process.name().to_string(),
-                detail: format!("no PONG within {READY_TIMEOUT:?}: {last_error}"),
-                log: process.log_tail(20),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(process, || query::<String>(&url, redis::cmd("PING")))
+        .await
+        .map(|_| ())
 }
 
-async fn ping(url: &str) -> Result<(), String> {
+/// One command on a fresh connection, bounded to half a second.
+pub(super) async fn query<T: redis::FromRedisValue>(
+    url: &str,
+    cmd: redis::Cmd,
+) -> Result<T, String> {
     let client = redis::Client::open(url).map_err(|e| e.to_string())?;
     let mut conn = tokio::time::timeout(
         Duration::from_millis(500),
@@ -133,13 +144,8 @@ async fn ping(url: &str) -> Result<(), String> {
     .await
     .map_err(|_| "connect timed out".to_string())?
     .map_err(|e| e.to_string())?;
-    let pong: String = redis::cmd("PING")
-        .query_async(&mut conn)
+    tokio::time::timeout(Duration::from_millis(500), cmd.query_async(&mut conn))
         .await
-        .map_err(|e| e.to_string())?;
-    if pong == "PONG" {
-        Ok(())
-    } else {
-        Err(format!("unexpected answer {pong:?}"))
-    }
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())
 }

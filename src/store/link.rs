@@ -9,6 +9,13 @@
 //!   checks with `ROLE` that the node really is a master before using it;
 //! - subscribes to `+switch-master` on the Sentinels and retires its connections the moment a
 //!   switch is announced (a whole generation at a time);
+//! - fences writes from the first sign of a failover (`+try-failover`, `+selected-slave`,
+//!   `+promoted-slave`, ...) until `+switch-master` or an abort: during a planned failover the
+//!   old master keeps accepting writes for seconds, and its other replicas keep confirming
+//!   them, yet all of it is discarded when they resync from the promoted replica;
+//! - tells the caller how many replicas the master has connected (`ROLE`, refreshed twice a
+//!   second), so a write can wait for every one of them: then the replica that gets promoted
+//!   has every acknowledged write, whichever it is;
 //! - treats READONLY / MASTERDOWN as "the master moved": retires the generation, resolves
 //!   again and retries the command once (safe: the node refused it, nothing was applied);
 //! - bounds every step (connect, resolve, command) so a hung node fails fast.
@@ -17,8 +24,8 @@
 //! blocks while a replica lags holds up only a fraction of the traffic.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, RwLock, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -26,6 +33,7 @@ use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Value};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::StoreError;
 
@@ -53,6 +61,8 @@ struct Active {
     generation: u64,
     addr: String,
     conns: Vec<MultiplexedConnection>,
+    /// Replicas connected to this master at the last `ROLE`.
+    replicas: AtomicU32,
 }
 
 pub struct MasterLink {
@@ -61,7 +71,14 @@ pub struct MasterLink {
     connecting: Mutex<()>,
     generation: AtomicU64,
     next: AtomicUsize,
+    /// Writes are refused until then: a failover is under way.
+    fenced_until: StdMutex<Option<Instant>>,
 }
+
+/// How long a failover may fence writes when no end is announced (Sentinel's
+/// failover-timeout is 3 s in our config; this leaves room for slower set-ups).
+const FENCE_LIMIT: Duration = Duration::from_secs(10);
+const ROLE_REFRESH: Duration = Duration::from_millis(500);
 
 impl MasterLink {
     pub fn new(config: LinkConfig) -> Arc<Self> {
@@ -71,17 +88,49 @@ impl MasterLink {
             connecting: Mutex::new(()),
             generation: AtomicU64::new(0),
             next: AtomicUsize::new(0),
+            fenced_until: StdMutex::new(None),
         });
         if let MasterSource::Sentinel { sentinels, master } = &link.config.source {
             for sentinel in sentinels {
-                tokio::spawn(watch_switches(
+                tokio::spawn(watch_sentinel(
                     Arc::downgrade(&link),
                     sentinel.clone(),
                     master.clone(),
                 ));
             }
         }
+        tokio::spawn(watch_replicas(Arc::downgrade(&link)));
         link
+    }
+
+    /// Why writes are refused right now, if they are.
+    pub fn fenced(&self) -> Option<Duration> {
+        let fence = self
+            .fenced_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fence.and_then(|until| until.checked_duration_since(Instant::now()))
+    }
+
+    fn fence(&self, why: &str) {
+        let mut fence = self
+            .fenced_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fence.is_none_or(|until| until <= Instant::now()) {
+            tracing::warn!(why, "failover under way: fencing writes");
+        }
+        *fence = Some(Instant::now() + FENCE_LIMIT);
+    }
+
+    fn unfence(&self, why: &str) {
+        let mut fence = self
+            .fenced_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fence.take().is_some_and(|until| until > Instant::now()) {
+            tracing::info!(why, "failover over: writes allowed again");
+        }
     }
 
     /// The master in use, if connected.
@@ -152,11 +201,15 @@ impl MasterLink {
                 )));
             }
         }
+        let replicas = connected_replicas(&mut conns[0].clone(), self.config.command_timeout)
+            .await
+            .unwrap_or(0);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let active = Arc::new(Active {
             generation,
             addr: addr.clone(),
             conns,
+            replicas: AtomicU32::new(replicas),
         });
         *self
             .active
@@ -202,10 +255,43 @@ impl MasterLink {
         self.run_for(self.config.command_timeout, op).await
     }
 
+    /// A change: refused while a failover is fenced, and handed the number of replicas the
+    /// master has connected so it can wait for all of them. A fence raised while the change
+    /// was under way turns its success into an error: it may be on a deposed master.
+    pub async fn run_write<T, F, Fut>(&self, limit: Duration, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(MultiplexedConnection, u32) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.check_fence()?;
+        let value = self
+            .run_with(limit, |conn, active| {
+                op(conn, active.replicas.load(Ordering::Relaxed))
+            })
+            .await?;
+        self.check_fence()?;
+        Ok(value)
+    }
+
+    fn check_fence(&self) -> Result<(), StoreError> {
+        match self.fenced() {
+            Some(left) => Err(StoreError::FailoverInProgress { retry_in: left }),
+            None => Ok(()),
+        }
+    }
+
     /// `run` with a longer bound, for operations that also wait for replicas.
     pub async fn run_for<T, F, Fut>(&self, limit: Duration, op: F) -> Result<T, StoreError>
     where
         F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run_with(limit, |conn, _| op(conn)).await
+    }
+
+    async fn run_with<T, F, Fut>(&self, limit: Duration, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(MultiplexedConnection, &Active) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let mut attempt = 0;
@@ -214,7 +300,7 @@ impl MasterLink {
             let active = self.connected().await?;
             let i = self.next.fetch_add(1, Ordering::Relaxed) % active.conns.len();
             let conn = active.conns[i].clone();
-            match tokio::time::timeout(limit, op(conn)).await {
+            match tokio::time::timeout(limit, op(conn, &active)).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) if master_moved(&e) => {
                     self.retire(active.generation, "master moved");
@@ -322,26 +408,69 @@ async fn ask_sentinel(
     Ok((epoch, format!("redis://{ip}:{port}")))
 }
 
-/// Follows `+switch-master` on one Sentinel for as long as the link lives, reconnecting the
+/// The Sentinel events that mean a failover of some master set has begun.
+const FAILOVER_STARTED: &[&str] = &[
+    "+try-failover",
+    "+elected-leader",
+    "+failover-state-select-slave",
+    "+selected-slave",
+    "+failover-state-send-slaveof-noone",
+    "+failover-state-wait-promotion",
+    "+promoted-slave",
+    "+failover-state-reconf-slaves",
+];
+const FAILOVER_ABORTED: &[&str] = &[
+    "-failover-abort-not-elected",
+    "-failover-abort-no-good-slave",
+    "-failover-abort-slave-timeout",
+];
+const SWITCH: &str = "+switch-master";
+
+/// The master set an event is about. Instance events read
+/// "<type> <name> <ip> <port> @ <master-name> <master-ip> <master-port>"; a master's own
+/// events have no "@" part, and `+switch-master` starts with the master set's name.
+fn event_master<'a>(channel: &str, payload: &'a str) -> Option<&'a str> {
+    let mut words = payload.split(' ');
+    if channel == SWITCH {
+        return words.next();
+    }
+    let words: Vec<&str> = words.collect();
+    match words.iter().position(|w| *w == "@") {
+        Some(at) => words.get(at + 1).copied(),
+        None if words.first() == Some(&"master") => words.get(1).copied(),
+        None => None,
+    }
+}
+
+/// Follows one Sentinel's failover events for as long as the link lives, reconnecting the
 /// subscription whenever it drops.
-async fn watch_switches(link: Weak<MasterLink>, sentinel: String, master: String) {
+async fn watch_sentinel(link: Weak<MasterLink>, sentinel: String, master: String) {
     loop {
         let Some(strong) = link.upgrade() else { return };
         let connect_timeout = strong.config.connect_timeout;
         drop(strong);
-        match subscribe_switches(&sentinel, connect_timeout).await {
+        match subscribe_events(&sentinel, connect_timeout).await {
             Ok(mut pubsub) => {
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {
                     let Some(link) = link.upgrade() else { return };
+                    let channel = msg.get_channel_name().to_string();
                     let payload: String = msg.get_payload().unwrap_or_default();
-                    // "<master-name> <old-ip> <old-port> <new-ip> <new-port>"
-                    if payload.split(' ').next() == Some(master.as_str()) {
-                        tracing::warn!(%sentinel, switch = %payload, "+switch-master");
+                    if event_master(&channel, &payload) != Some(master.as_str()) {
+                        continue;
+                    }
+                    tracing::info!(%sentinel, %channel, %payload, "Sentinel event");
+                    if channel == SWITCH {
                         link.retire_all("+switch-master");
+                        link.unfence("+switch-master");
+                    } else if FAILOVER_STARTED.contains(&channel.as_str()) {
+                        link.fence(&channel);
+                        link.retire_all(&channel);
+                    } else if FAILOVER_ABORTED.contains(&channel.as_str()) {
+                        link.unfence(&channel);
                     }
                 }
-                tracing::debug!(%sentinel, "switch-master subscription ended; reconnecting");
+                tracing::debug!(%sentinel, "Sentinel subscription ended; reconnecting");
             }
             Err(e) => tracing::debug!(%sentinel, error = %e, "cannot subscribe to Sentinel"),
         }
@@ -349,13 +478,71 @@ async fn watch_switches(link: Weak<MasterLink>, sentinel: String, master: String
     }
 }
 
-async fn subscribe_switches(
+/// Keeps the connected-replica count of the current master fresh.
+async fn watch_replicas(link: Weak<MasterLink>) {
+    loop {
+        tokio::time::sleep(ROLE_REFRESH).await;
+        let Some(link) = link.upgrade() else { return };
+        let Some(active) = link.current() else {
+            continue;
+        };
+        let mut conn = active.conns[0].clone();
+        if let Ok(n) = connected_replicas(&mut conn, link.config.command_timeout).await {
+            active.replicas.store(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How many replicas `ROLE` lists on a master.
+async fn connected_replicas(
+    conn: &mut MultiplexedConnection,
+    limit: Duration,
+) -> Result<u32, StoreError> {
+    let role: Vec<Value> = bounded(limit, redis::cmd("ROLE").query_async(conn)).await?;
+    Ok(match role.get(2) {
+        Some(Value::Array(replicas)) => u32::try_from(replicas.len()).unwrap_or(u32::MAX),
+        _ => 0,
+    })
+}
+
+async fn subscribe_events(
     sentinel: &str,
     limit: Duration,
 ) -> Result<redis::aio::PubSub, StoreError> {
     let client = redis::Client::open(format!("redis://{sentinel}"))
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     let mut pubsub = bounded(limit, client.get_async_pubsub()).await?;
-    bounded(limit, pubsub.subscribe("+switch-master")).await?;
+    let channels: Vec<&str> = FAILOVER_STARTED
+        .iter()
+        .chain(FAILOVER_ABORTED)
+        .copied()
+        .chain([SWITCH])
+        .collect();
+    bounded(limit, pubsub.subscribe(channels)).await?;
     Ok(pubsub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_master;
+
+    #[test]
+    fn sentinel_events_name_their_master_set() {
+        assert_eq!(
+            event_master("+switch-master", "mymaster 127.0.0.1 7000 127.0.0.1 7001"),
+            Some("mymaster")
+        );
+        assert_eq!(
+            event_master("+try-failover", "master mymaster 127.0.0.1 7000"),
+            Some("mymaster")
+        );
+        assert_eq!(
+            event_master(
+                "+selected-slave",
+                "slave 127.0.0.1:7001 127.0.0.1 7001 @ mymaster 127.0.0.1 7000"
+            ),
+            Some("mymaster")
+        );
+        assert_eq!(event_master("+promoted-slave", "garbage"), None);
+    }
 }

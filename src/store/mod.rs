@@ -32,6 +32,9 @@ pub enum StoreError {
     /// acknowledged; retrying is safe because every change is idempotent.
     #[error("{0}")]
     NotReplicated(String),
+    /// Sentinel is moving the master: changes are refused until the new master is known.
+    #[error("a Redis failover is under way; nothing was acknowledged, retry in {} ms", retry_in.as_millis())]
+    FailoverInProgress { retry_in: Duration },
     /// The circuit breaker in front of the store is open: the call was not even made.
     #[error("the circuit breaker is open after repeated store failures; next probe in {} ms", retry_in.as_millis())]
     CircuitOpen { retry_in: Duration },

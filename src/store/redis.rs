@@ -102,8 +102,9 @@ impl RedisStore {
         })
     }
 
-    /// Runs a change, then waits until enough replicas confirm it. Too few confirmations is
-    /// an error: the change is on the master but could still be lost in a failover.
+    /// Runs a change, then waits until every connected replica (and at least
+    /// `min_replica_acks`) confirms it. Too few confirmations is an error: the change is on
+    /// the master but could still be lost in a failover.
     async fn write<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send,
@@ -112,27 +113,28 @@ impl RedisStore {
     {
         let min = self.min_acks;
         let wait_ms = u64::try_from(self.ack_timeout.as_millis()).unwrap_or(u64::MAX);
-        let (value, acks) = self
+        let (value, acks, wanted) = self
             .link
-            .run_for(self.write_limit, |mut conn| {
+            .run_write(self.write_limit, |mut conn, connected| {
                 let fut = op(conn.clone());
+                let wanted = if min == 0 { 0 } else { min.max(connected) };
                 async move {
                     let value = fut.await?;
-                    if min == 0 {
-                        return Ok((value, 0));
+                    if wanted == 0 {
+                        return Ok((value, 0, 0));
                     }
                     let acks: u32 = redis::cmd("WAIT")
-                        .arg(min)
+                        .arg(wanted)
                         .arg(wait_ms)
                         .query_async(&mut conn)
                         .await?;
-                    Ok((value, acks))
+                    Ok((value, acks, wanted))
                 }
             })
             .await?;
-        if acks < min {
+        if acks < wanted {
             return Err(StoreError::NotReplicated(format!(
-                "the change reached the Redis master but only {acks} of the required {min} \
+                "the change reached the Redis master but only {acks} of its {wanted} \
                  replica(s) confirmed it within {wait_ms} ms; it may be lost if the master \
                  fails now. Retrying is safe"
             )));

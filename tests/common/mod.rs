@@ -141,3 +141,117 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// The full HA topology (3 Redis, 3 Sentinels, 3 registry processes, nginx) in a temp dir,
+/// with timeouts shortened so failures are noticed quickly.
+pub struct Ha {
+    pub topology: rollcall::launch::Topology,
+    pub http: reqwest::Client,
+    _dir: TempDir,
+}
+
+impl Ha {
+    pub async fn start() -> Ha {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut spec = rollcall::launch::TopologySpec::standard(
+            env!("CARGO_BIN_EXE_rollcall").into(),
+            dir.path().to_path_buf(),
+        );
+        spec.serve_args = [
+            "--redis-timeout",
+            "500ms",
+            "--redis-connect-timeout",
+            "500ms",
+            "--replica-ack-timeout",
+            "500ms",
+            "--breaker-cooldown",
+            "300ms",
+            "--snapshot-interval",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec();
+        let topology = rollcall::launch::Topology::start(spec)
+            .await
+            .expect("the HA topology starts (apt-get install redis-server redis-sentinel nginx)");
+        Ha {
+            topology,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn lb(&self) -> String {
+        self.topology.lb_url()
+    }
+
+    /// Registers `n` services through the load balancer and answers their names.
+    pub async fn seed(&self, n: usize) -> Vec<String> {
+        let mut names = Vec::new();
+        for i in 0..n {
+            let name = format!("seed-{i}");
+            let resp = self
+                .http
+                .post(format!("{}/register", self.lb()))
+                .json(&serde_json::json!({"service_name": name, "endpoint": format!("http://seed{i}:80"), "ttl_s": 600}))
+                .send()
+                .await
+                .expect("seed");
+            assert_eq!(resp.status().as_u16(), 201, "seeding {name}");
+            names.push(name);
+        }
+        names
+    }
+
+    /// Instance ids of `service` as the registry answers them through the load balancer.
+    pub async fn instance_ids(&self, service: &str) -> std::collections::BTreeSet<String> {
+        let resp = self
+            .http
+            .get(format!("{}/services/{service}", self.lb()))
+            .send()
+            .await
+            .expect("lookup");
+        assert_eq!(resp.status().as_u16(), 200, "lookup of {service}");
+        let body: Value = resp.json().await.expect("json");
+        body["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .filter_map(|i| i["instance_id"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// `GET /health` of every registry replica.
+    pub async fn replica_health(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for r in &self.topology.registries {
+            let body = match self.http.get(format!("{}/health", r.url())).send().await {
+                Ok(resp) => resp.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            out.push(body);
+        }
+        out
+    }
+}
+
+/// Which of `keys` are missing on the Redis at `url`.
+pub async fn missing_keys(url: &str, keys: &[String]) -> Vec<String> {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut missing = Vec::new();
+    for key in keys {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        if !exists {
+            missing.push(key.clone());
+        }
+    }
+    missing
+}

@@ -1,0 +1,80 @@
+//! A `rollcall serve` replica as its own OS process, so that chaos tests can kill it for real.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::{LaunchError, ManagedProcess, free_port, http_status, wait_until};
+
+pub struct RegistryProcess {
+    process: ManagedProcess,
+    port: u16,
+}
+
+impl RegistryProcess {
+    /// Runs `bin serve --listen 127.0.0.1:<port> <args…>` and waits until `/health` answers
+    /// 200 (which requires Redis to answer too).
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        port: Option<u16>,
+        args: &[String],
+    ) -> Result<Self, LaunchError> {
+        let port = match port {
+            Some(p) => p,
+            None => free_port().map_err(|e| LaunchError::io("picking a free port", e))?,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LaunchError::io(format!("creating {}", dir.display()), e))?;
+        let mut argv = vec![
+            "serve".to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+        ];
+        argv.extend(args.iter().cloned());
+        let process = ManagedProcess::spawn(
+            format!("registry:{port}"),
+            &bin.display().to_string(),
+            argv,
+            &dir.join(format!("registry-{port}.log")),
+            "rollcall",
+            "rollcall (cargo build)",
+        )?;
+        let mut replica = RegistryProcess { process, port };
+        replica.wait_ready().await?;
+        Ok(replica)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), LaunchError> {
+        let url = format!("{}/health", self.url());
+        wait_until(&mut self.process, || async {
+            match http_status(&url).await? {
+                200 => Ok(()),
+                s => Err(format!("/health answered {s}")),
+            }
+        })
+        .await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn process(&mut self) -> &mut ManagedProcess {
+        &mut self.process
+    }
+
+    /// SIGTERM: the replica finishes in-flight requests and exits.
+    pub fn stop(&mut self) {
+        self.process.terminate(Duration::from_secs(10));
+    }
+
+    /// Starts it again on the same port and waits until it is healthy.
+    pub async fn restart(&mut self) -> Result<(), LaunchError> {
+        self.process.respawn()?;
+        self.wait_ready().await
+    }
+}
