@@ -47,6 +47,48 @@ pub enum Command {
     /// Run the whole HA cluster on this machine (Redis master + 2 replicas, 3 Sentinels,
     /// 3 registry replicas, nginx); Ctrl-C stops everything.
     Dev(DevArgs),
+    /// Drive steady lookups and registrations against a registry and report what failed
+    /// (the chaos scripts run this while they break things).
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Registry URL, usually the load balancer.
+    #[arg(long, env = "ROLLCALL_LOAD_URL", default_value = "http://127.0.0.1:8888")]
+    pub url: String,
+
+    /// How long to drive load.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Concurrent lookup loops.
+    #[arg(long, default_value_t = 4)]
+    pub readers: usize,
+
+    /// Concurrent registration loops.
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+
+    /// Pause between two requests of one loop.
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub pause: Duration,
+
+    /// Services registered before the load starts, then looked up by the readers.
+    #[arg(long, default_value_t = 5)]
+    pub seed: usize,
+
+    /// Fail (exit 1) if any lookup failed.
+    #[arg(long)]
+    pub expect_no_failed_reads: bool,
+
+    /// Fail if any registration failed.
+    #[arg(long)]
+    pub expect_no_failed_writes: bool,
+
+    /// Fail if registrations kept failing for longer than this (first to last failure).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_write_outage: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,8 @@ pub enum DevError {
 
 /// The name of the file in the data directory that marks it as rollcall's own.
 pub const STATE_FILE: &str = "state.json";
+/// The same facts as shell variables, for the chaos scripts (`source state.env`).
+pub const STATE_ENV: &str = "state.env";
 
 pub async fn run(args: DevArgs) -> Result<(), DevError> {
     let dir = args.data_dir.clone();
@@ -79,6 +81,7 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     println!("stopping ...");
     topology.stop();
     let _ = std::fs::remove_file(&state_path);
+    let _ = std::fs::remove_file(state_path.with_file_name(STATE_ENV));
     println!("stopped");
     Ok(())
 }
@@ -89,7 +92,36 @@ fn write_state(topology: &mut Topology, path: &Path) -> Result<(), DevError> {
     let text = serde_json::to_string_pretty(&state)
         .map_err(|e| DevError::Setup(format!("encoding the state file: {e}")))?;
     std::fs::write(path, text)
-        .map_err(|e| DevError::Setup(format!("writing {}: {e}", path.display())))
+        .map_err(|e| DevError::Setup(format!("writing {}: {e}", path.display())))?;
+    let env_path = path.with_file_name(STATE_ENV);
+    std::fs::write(&env_path, state_env(topology))
+        .map_err(|e| DevError::Setup(format!("writing {}: {e}", env_path.display())))
+}
+
+fn state_env(t: &mut Topology) -> String {
+    let mut lines = vec![
+        format!("ROLLCALL_DEV_PID={}", std::process::id()),
+        format!("ROLLCALL_LB_URL={}", t.lb_url()),
+        format!("SENTINEL_MASTER={}", crate::launch::MASTER_NAME),
+        format!("NGINX_PID={}", t.nginx.process().pid()),
+        format!("NGINX_PORT={}", t.nginx.port()),
+        format!("REGISTRY_COUNT={}", t.registries.len()),
+        format!("REDIS_COUNT={}", t.redis.len()),
+        format!("SENTINEL_COUNT={}", t.sentinels.len()),
+    ];
+    for (i, r) in t.registries.iter_mut().enumerate() {
+        lines.push(format!("REGISTRY_{i}_PID={}", r.process().pid()));
+        lines.push(format!("REGISTRY_{i}_PORT={}", r.port()));
+    }
+    for (i, r) in t.redis.iter_mut().enumerate() {
+        lines.push(format!("REDIS_{i}_PID={}", r.process().pid()));
+        lines.push(format!("REDIS_{i}_PORT={}", r.port()));
+    }
+    for (i, s) in t.sentinels.iter_mut().enumerate() {
+        lines.push(format!("SENTINEL_{i}_PID={}", s.process().pid()));
+        lines.push(format!("SENTINEL_{i}_PORT={}", s.port()));
+    }
+    lines.join("\n") + "\n"
 }
 
 /// Brings back every process the chaos scripts killed, on its old port.

@@ -324,3 +324,130 @@ async fn pause(spec: &LoadSpec, stopped: &mut watch::Receiver<bool>) {
         _ = stopped.changed() => {}
     }
 }
+
+/// `rollcall load`: seeds services, drives load for the duration, checks that every
+/// acknowledged registration is still there, prints a report and a verdict. Answers whether
+/// the expectations held.
+pub async fn command(args: &crate::cli::LoadArgs) -> Result<bool, String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let run = std::process::id();
+    let mut seeds = Vec::new();
+    for i in 0..args.seed {
+        let name = format!("load-seed-{run}-{i}");
+        let resp = http
+            .post(format!("{}/register", args.url))
+            .json(&json!({"service_name": name, "endpoint": format!("http://seed{i}.invalid:80"), "ttl_s": 3600}))
+            .send()
+            .await
+            .map_err(|e| format!("cannot seed {name} at {}: {e}", args.url))?;
+        if resp.status().as_u16() != 201 {
+            return Err(format!("seeding {name} answered {}", resp.status()));
+        }
+        seeds.push(name);
+    }
+    let write_service = format!("load-writer-{run}");
+    let spec = LoadSpec {
+        read_services: seeds.clone(),
+        readers: args.readers,
+        writers: args.writers,
+        pause: args.pause,
+        write_service: write_service.clone(),
+        max_duration: args.duration,
+        ..LoadSpec::new(args.url.clone())
+    };
+    println!(
+        "load: {:?} against {} ({} readers, {} writers)",
+        args.duration, args.url, args.readers, args.writers
+    );
+    let handle = start(spec)?;
+    tokio::time::sleep(args.duration).await;
+    let report = handle.stop().await;
+    println!("{}", report.summary());
+    if let (Some(a), Some(b)) = (report.writes.first_failure_s, report.writes.last_failure_s) {
+        println!("writes failed from {a:.2} s to {b:.2} s into the run");
+    }
+
+    let lost = match lookup_ids(&http, &args.url, &write_service).await {
+        Ok(present) => {
+            let lost = report
+                .acknowledged
+                .iter()
+                .filter(|id| !present.contains(*id))
+                .count();
+            println!(
+                "acknowledged registrations lost: {lost} of {}",
+                report.acknowledged.len()
+            );
+            Some(lost)
+        }
+        Err(e) => {
+            println!("acknowledged registrations: could not verify ({e})");
+            None
+        }
+    };
+    for name in seeds.iter().chain([&write_service]) {
+        let _ = http
+            .delete(format!("{}/deregister/{name}", args.url))
+            .send()
+            .await;
+    }
+
+    let mut broken = Vec::new();
+    if args.expect_no_failed_reads && report.reads.failed > 0 {
+        broken.push(format!("{} lookups failed", report.reads.failed));
+    }
+    if args.expect_no_failed_writes && report.writes.failed > 0 {
+        broken.push(format!("{} registrations failed", report.writes.failed));
+    }
+    if let (Some(limit), Some(a), Some(b)) = (
+        args.max_write_outage,
+        report.writes.first_failure_s,
+        report.writes.last_failure_s,
+    ) && b - a > limit.as_secs_f64()
+    {
+        broken.push(format!(
+            "registrations failed for {:.2} s (limit {limit:?})",
+            b - a
+        ));
+    }
+    if lost.is_some_and(|n| n > 0) {
+        broken.push("acknowledged registrations were lost".into());
+    }
+    if broken.is_empty() {
+        println!("verdict: PASS");
+        Ok(true)
+    } else {
+        println!("verdict: FAIL ({})", broken.join("; "));
+        Ok(false)
+    }
+}
+
+async fn lookup_ids(
+    http: &reqwest::Client,
+    url: &str,
+    service: &str,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    let resp = http
+        .get(format!("{url}/services/{service}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status().as_u16() == 404 {
+        return Ok(Default::default());
+    }
+    if resp.status().as_u16() != 200 {
+        return Err(format!("lookup answered {}", resp.status()));
+    }
+    let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    Ok(body["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["instance_id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default())
+}

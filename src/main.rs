@@ -14,6 +14,11 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
+        Command::Load(args) => match rollcall::load::command(&args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
