@@ -50,12 +50,20 @@ pub enum Command {
     /// Drive steady lookups and registrations against a registry and report what failed
     /// (the chaos scripts run this while they break things).
     Load(LoadArgs),
+    /// Run one piece of the topology (redis, sentinel, nginx) in the foreground from
+    /// rollcall's config files: what the docker-compose services run.
+    #[command(subcommand)]
+    Node(crate::node::Node),
 }
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
     /// Registry URL, usually the load balancer.
-    #[arg(long, env = "ROLLCALL_LOAD_URL", default_value = "http://127.0.0.1:8888")]
+    #[arg(
+        long,
+        env = "ROLLCALL_LOAD_URL",
+        default_value = "http://127.0.0.1:8888"
+    )]
     pub url: String,
 
     /// How long to drive load.

@@ -11,6 +11,7 @@ pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
+        Command::Node(node) => Err(rollcall::node::run(node)),
         Command::Load(args) => match rollcall::load::command(&args).await {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

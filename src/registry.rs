@@ -430,3 +430,203 @@ async fn probe(registry: Weak<Registry>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::model::Descriptor;
+    use crate::store::MemoryStore;
+
+    /// The memory store, with a switch that makes every call fail as if Redis were down.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryStore,
+        down: AtomicBool,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(StoreError::Unavailable("switched off".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn register(&self, reg: &Registration) -> Result<Registered, StoreError> {
+            self.check()?;
+            self.inner.register(reg).await
+        }
+        async fn heartbeat(
+            &self,
+            t: &Target,
+            r: &HeartbeatReport,
+        ) -> Result<Refreshed, StoreError> {
+            self.check()?;
+            self.inner.heartbeat(t, r).await
+        }
+        async fn deregister(&self, t: &Target) -> Result<usize, StoreError> {
+            self.check()?;
+            self.inner.deregister(t).await
+        }
+        async fn promote(&self, t: &Target, role: &str) -> Result<usize, StoreError> {
+            self.check()?;
+            self.inner.promote(t, role).await
+        }
+        async fn instances(&self, name: &str) -> Result<Vec<Instance>, StoreError> {
+            self.check()?;
+            self.inner.instances(name).await
+        }
+        async fn all_instances(&self) -> Result<Vec<Instance>, StoreError> {
+            self.check()?;
+            self.inner.all_instances().await
+        }
+        async fn service_names(&self) -> Result<Vec<String>, StoreError> {
+            self.check()?;
+            self.inner.service_names().await
+        }
+        async fn ping(&self) -> Result<Duration, StoreError> {
+            self.check()?;
+            Ok(Duration::ZERO)
+        }
+        fn backend(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    fn registration(name: &str, id: &str) -> Registration {
+        Registration {
+            service_name: name.into(),
+            instance_id: id.into(),
+            role: "production".into(),
+            ttl: Duration::from_secs(60),
+            descriptor: Descriptor {
+                endpoint: format!("http://{id}"),
+                health_endpoint: "/health".into(),
+                metadata: Default::default(),
+                kind: "service".into(),
+                caps: vec![],
+                labels: Default::default(),
+            },
+        }
+    }
+
+    fn registry(stale_max_age: Duration) -> (Arc<Registry>, Arc<Flaky>) {
+        let store = Arc::new(Flaky::default());
+        let config = ResilienceConfig {
+            stale_max_age,
+            // Long enough that the test, not the refresher, decides what is cached.
+            snapshot_interval: Duration::from_secs(3600),
+            ..ResilienceConfig::default()
+        };
+        let metrics = Arc::new(RegistryMetrics::new().expect("metrics"));
+        (Registry::new(store.clone(), config, metrics), store)
+    }
+
+    #[tokio::test]
+    async fn unreachable_store_serves_stale_reads_refuses_writes_then_forgets() {
+        let (registry, store) = registry(Duration::from_millis(300));
+        registry
+            .register(&registration("a", "h:1"))
+            .await
+            .expect("register");
+        let fresh = registry.instances("a").await.expect("read");
+        assert!(fresh.stale_age.is_none());
+        registry.service_names().await.expect("names");
+
+        store.down.store(true, Ordering::SeqCst);
+        let stale = registry.instances("a").await.expect("served from cache");
+        assert_eq!(stale.value.len(), 1);
+        assert!(stale.stale_age.is_some());
+        let names = registry.service_names().await.expect("names from cache");
+        assert_eq!(names.value, vec!["a".to_string()]);
+        assert!(names.stale_age.is_some());
+        let refused = registry.register(&registration("a", "h:2")).await;
+        assert!(
+            refused.is_err_and(|e| e.is_unreachable()),
+            "writes are refused"
+        );
+        assert_eq!(registry.breaker().state, BreakerState::Open);
+        assert!(matches!(
+            registry.register(&registration("a", "h:2")).await,
+            Err(StoreError::CircuitOpen { .. })
+        ));
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            registry.instances("a").await.is_err(),
+            "answers older than stale_max_age are not served"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_this_replica_never_read_comes_from_the_snapshot() {
+        let (registry, store) = registry(Duration::from_secs(60));
+        registry.all_instances().await.expect("snapshot");
+        registry
+            .register(&registration("b", "h:1"))
+            .await
+            .expect("register");
+        store.down.store(true, Ordering::SeqCst);
+        let read = registry.instances("b").await.expect("from the snapshot");
+        assert_eq!(read.value.len(), 1);
+        assert!(read.stale_age.is_some());
+        assert!(
+            registry
+                .instances("never-registered")
+                .await
+                .expect("snapshot")
+                .value
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn while_the_store_answers_the_cache_is_never_read() {
+        let (registry, store) = registry(Duration::from_secs(60));
+        registry
+            .register(&registration("c", "h:1"))
+            .await
+            .expect("register");
+        registry.instances("c").await.expect("cached");
+        // Another replica deregisters it, straight in the shared store.
+        let target = Target {
+            service_name: "c".into(),
+            instance_id: None,
+        };
+        store.inner.deregister(&target).await.expect("deregister");
+        let read = registry.instances("c").await.expect("read");
+        assert!(
+            read.value.is_empty(),
+            "the store is the truth while it answers"
+        );
+        assert!(read.stale_age.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_prober_closes_the_breaker_once_the_store_is_back() {
+        let (registry, store) = registry(Duration::from_secs(60));
+        store.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let _ = registry.service_names().await;
+        }
+        assert_eq!(registry.breaker().state, BreakerState::Open);
+        store.down.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while registry.breaker().state != BreakerState::Closed && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            registry.breaker().state,
+            BreakerState::Closed,
+            "closed without any request"
+        );
+    }
+}

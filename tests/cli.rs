@@ -157,3 +157,60 @@ async fn serve_with_redis_keeps_entries_across_a_replica_restart() {
         "a replica keeps no state of its own"
     );
 }
+
+#[tokio::test]
+async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("dev");
+    let lb = free_port();
+    // A base whose 23 following ports are very likely free: tests pick ports near the top of
+    // the ephemeral range, so start well below it.
+    let base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+    let mut child = Child(
+        Command::new(BIN)
+            .args([
+                "dev",
+                "--lb-port",
+                &lb.to_string(),
+                "--port-base",
+                &base.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start"),
+    );
+    let http = reqwest::Client::new();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            data.join("state.env").exists()
+        })
+        .await,
+        "rollcall dev writes its state file once the cluster is up"
+    );
+    assert!(wait_healthy(&http, &format!("http://127.0.0.1:{lb}/health")).await);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("state.json")).expect("state"))
+            .expect("json");
+    let pids: Vec<i32> = state["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| p["pid"].as_i64().expect("pid") as i32)
+        .collect();
+    assert_eq!(pids.len(), 10, "3 Redis, 3 Sentinels, 3 registries, nginx");
+
+    assert_eq!(sigterm_and_wait(&mut child), Some(0));
+    for pid in pids {
+        assert!(
+            kill(Pid::from_raw(pid), None).is_err(),
+            "process {pid} is still running after rollcall dev stopped"
+        );
+    }
+    assert!(
+        !data.join("state.json").exists(),
+        "the state file is removed"
+    );
+}

@@ -6,12 +6,12 @@
 //! and is started with a parent-death signal so that not even a killed test runner leaves
 //! one behind.
 
-mod nginx;
+pub mod nginx;
 mod ports;
 mod process;
-mod redis;
+pub mod redis;
 mod registry;
-mod sentinel;
+pub mod sentinel;
 mod topology;
 
 pub use self::nginx::Nginx;

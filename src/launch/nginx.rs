@@ -8,6 +8,31 @@ use super::{LaunchError, ManagedProcess, free_port, http_status, render, wait_un
 
 const TEMPLATE: &str = include_str!("../../nginx/nginx.conf");
 
+/// `nginx/nginx.conf` with its placeholders filled; `upstreams` are `host:port`.
+pub fn config(listen: &str, dir: &Path, upstreams: &[String]) -> String {
+    let servers: Vec<String> = upstreams
+        .iter()
+        .map(|a| format!("server {a} max_fails=0;"))
+        .collect();
+    render(
+        TEMPLATE,
+        &[
+            ("listen", listen),
+            ("dir", &dir.display().to_string()),
+            ("upstreams", &servers.join("\n        ")),
+        ],
+    )
+}
+
+/// The nginx binary: Debian installs it outside a normal user's PATH.
+pub fn binary() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
 pub struct Nginx {
     process: ManagedProcess,
     port: u16,
@@ -26,26 +51,12 @@ impl Nginx {
         let node_dir = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(&node_dir)
             .map_err(|e| LaunchError::io(format!("creating {}", node_dir.display()), e))?;
-        let servers: Vec<String> = upstreams
-            .iter()
-            .map(|a| format!("server {a} max_fails=0;"))
-            .collect();
-        let config = render(
-            TEMPLATE,
-            &[
-                ("listen", &format!("127.0.0.1:{port}")),
-                ("dir", &node_dir.display().to_string()),
-                ("upstreams", &servers.join("\n        ")),
-            ],
-        );
+        let upstreams: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+        let config = config(&format!("127.0.0.1:{port}"), &node_dir, &upstreams);
         let config_path = node_dir.join("nginx.conf");
         std::fs::write(&config_path, config)
             .map_err(|e| LaunchError::io(format!("writing {}", config_path.display()), e))?;
-        let nginx = if Path::new("/usr/sbin/nginx").exists() {
-            "/usr/sbin/nginx"
-        } else {
-            "nginx"
-        };
+        let nginx = binary();
         let mut process = ManagedProcess::spawn(
             format!("nginx:{port}"),
             nginx,

@@ -61,14 +61,7 @@ impl RedisServer {
         let node_dir = dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&node_dir)
             .map_err(|e| LaunchError::io(format!("creating {}", node_dir.display()), e))?;
-        let config = render(
-            TEMPLATE,
-            &[
-                ("bind", "127.0.0.1"),
-                ("port", &port.to_string()),
-                ("dir", &node_dir.display().to_string()),
-            ],
-        );
+        let config = config("127.0.0.1", port, &node_dir);
         let config_path = node_dir.join("redis.conf");
         std::fs::write(&config_path, config)
             .map_err(|e| LaunchError::io(format!("writing {}", config_path.display()), e))?;
@@ -118,6 +111,18 @@ impl RedisServer {
         self.process.respawn()?;
         wait_for_ping(&mut self.process, self.port).await
     }
+}
+
+/// `redis-sentinel/redis.conf` with its placeholders filled.
+pub fn config(bind: &str, port: u16, dir: &Path) -> String {
+    render(
+        TEMPLATE,
+        &[
+            ("bind", bind),
+            ("port", &port.to_string()),
+            ("dir", &dir.display().to_string()),
+        ],
+    )
 }
 
 /// Polls PING until it answers, the process dies, or the launch deadline passes.

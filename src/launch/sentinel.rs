@@ -11,6 +11,20 @@ const TEMPLATE: &str = include_str!("../../redis-sentinel/sentinel.conf");
 /// The master set name in `sentinel.conf`.
 pub const MASTER_NAME: &str = "mymaster";
 
+/// `redis-sentinel/sentinel.conf` with its placeholders filled.
+pub fn config(bind: &str, port: u16, dir: &Path, master_host: &str, master_port: u16) -> String {
+    render(
+        TEMPLATE,
+        &[
+            ("bind", bind),
+            ("port", &port.to_string()),
+            ("dir", &dir.display().to_string()),
+            ("master_host", master_host),
+            ("master_port", &master_port.to_string()),
+        ],
+    )
+}
+
 pub struct Sentinel {
     process: ManagedProcess,
     port: u16,
@@ -29,16 +43,7 @@ impl Sentinel {
         let node_dir = dir.join(format!("sentinel-{port}"));
         std::fs::create_dir_all(&node_dir)
             .map_err(|e| LaunchError::io(format!("creating {}", node_dir.display()), e))?;
-        let config = render(
-            TEMPLATE,
-            &[
-                ("bind", "127.0.0.1"),
-                ("port", &port.to_string()),
-                ("dir", &node_dir.display().to_string()),
-                ("master_host", "127.0.0.1"),
-                ("master_port", &master_port.to_string()),
-            ],
-        );
+        let config = config("127.0.0.1", port, &node_dir, "127.0.0.1", master_port);
         let config_path = node_dir.join("sentinel.conf");
         std::fs::write(&config_path, config)
             .map_err(|e| LaunchError::io(format!("writing {}", config_path.display()), e))?;
