@@ -47,6 +47,8 @@ pub enum Command {
     /// Run the whole HA cluster on this machine (Redis master + 2 replicas, 3 Sentinels,
     /// 3 registry replicas, nginx); Ctrl-C stops everything.
     Dev(DevArgs),
+    /// Run the gateway: routes /v2/<service>/<path> to a live instance of the service.
+    Gateway(Box<GatewayArgs>),
     /// Drive steady lookups and registrations against a registry and report what failed
     /// (the chaos scripts run this while they break things).
     Load(LoadArgs),
@@ -54,6 +56,89 @@ pub enum Command {
     /// rollcall's config files: what the docker-compose services run.
     #[command(subcommand)]
     Node(crate::node::Node),
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Address to serve the gateway on.
+    #[arg(long, env = "ROLLCALL_GATEWAY_LISTEN", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
+
+    /// The registry, through its load balancer. Services it does not know are looked up in
+    /// `<SERVICE>_URL` environment variables.
+    #[arg(
+        long,
+        env = "ROLLCALL_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8888"
+    )]
+    pub registry_url: String,
+
+    /// How long a resolution is served from the local cache without asking the registry.
+    #[arg(long, env = "ROLLCALL_GATEWAY_CACHE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cache_ttl: Duration,
+
+    /// How long the last good resolution keeps serving while the registry is unreachable,
+    /// before the env var is tried.
+    #[arg(long, env = "ROLLCALL_GATEWAY_STALE_FOR", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stale_for: Duration,
+
+    /// Longest wait for the registry's answer.
+    #[arg(long, env = "ROLLCALL_GATEWAY_REGISTRY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub registry_timeout: Duration,
+
+    /// Consecutive registry failures that open the gateway's circuit breaker.
+    #[arg(long, env = "ROLLCALL_GATEWAY_BREAKER_THRESHOLD", default_value_t = 3)]
+    pub breaker_threshold: u32,
+
+    /// How long the breaker stays open before the registry is tried again.
+    #[arg(long, env = "ROLLCALL_GATEWAY_BREAKER_COOLDOWN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub breaker_cooldown: Duration,
+
+    /// Longest wait for a connection to an upstream instance (then the next one is tried).
+    #[arg(long, env = "ROLLCALL_GATEWAY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Longest wait for an upstream's response headers (504 after).
+    #[arg(long, env = "ROLLCALL_GATEWAY_RESPONSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub response_timeout: Duration,
+
+    /// Longest pause inside a request or response body before the exchange is cut.
+    #[arg(long, env = "ROLLCALL_GATEWAY_BODY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_idle_timeout: Duration,
+
+    /// Largest request body passed upstream, in bytes (413 above).
+    #[arg(long, env = "ROLLCALL_GATEWAY_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Consecutive connect failures after which an instance is skipped.
+    #[arg(long, env = "ROLLCALL_GATEWAY_EJECT_AFTER", default_value_t = 3)]
+    pub eject_after: u32,
+
+    /// How long an ejected instance is skipped.
+    #[arg(long, env = "ROLLCALL_GATEWAY_EJECT_FOR", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub eject_for: Duration,
+}
+
+impl GatewayArgs {
+    pub fn config(&self) -> crate::gateway::GatewayConfig {
+        let mut c = crate::gateway::GatewayConfig::new(Some(
+            self.registry_url.trim_end_matches('/').to_string(),
+        ));
+        c.resolver.cache_ttl = self.cache_ttl;
+        c.resolver.stale_for = self.stale_for;
+        c.resolver.registry_timeout = self.registry_timeout;
+        c.resolver.breaker = BreakerConfig {
+            threshold: self.breaker_threshold.max(1),
+            cooldown: self.breaker_cooldown,
+        };
+        c.ejection.after_failures = self.eject_after.max(1);
+        c.ejection.for_duration = self.eject_for;
+        c.connect_timeout = self.connect_timeout;
+        c.response_timeout = self.response_timeout;
+        c.body_idle_timeout = self.body_idle_timeout;
+        c.max_body_bytes = self.max_body_bytes;
+        c
+    }
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ pub mod api;
 pub mod breaker;
 pub mod cli;
 pub mod dev;
+pub mod gateway;
 pub mod launch;
 pub mod load;
 pub mod logging;

@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => dev::run(args).await.map_err(|e| e.to_string()),
+        Command::Gateway(args) => gateway(*args).await,
         Command::Node(node) => Err(rollcall::node::run(node)),
         Command::Load(args) => match rollcall::load::command(&args).await {
             Ok(true) => Ok(()),
@@ -29,6 +30,18 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn gateway(args: rollcall::cli::GatewayArgs) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, registry = %args.registry_url, "rollcall gateway ready");
+    rollcall::gateway::run(listener, args.config(), server::shutdown_signal())
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 async fn serve(args: rollcall::cli::ServeArgs) -> Result<(), String> {

@@ -1,0 +1,84 @@
+//! The gateway's Prometheus metrics. The `service` label only ever holds names that resolved
+//! to an instance (else `_unresolved`), so callers cannot grow the series count with junk.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct GatewayMetrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub resolutions: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub errors: IntCounterVec,
+    pub breaker_open: IntGauge,
+}
+
+impl GatewayMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_requests_total",
+                "Requests through /v2/, by service and answered status code.",
+            ),
+            &["service", "code"],
+        )?;
+        let resolutions = IntCounterVec::new(
+            Opts::new(
+                "gateway_resolutions_total",
+                "How services were resolved: cache, registry, stale, env, none.",
+            ),
+            &["source"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_upstream_duration_seconds",
+                "Time from sending a request upstream to its response headers.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["service"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "gateway_errors_total",
+                "Requests the gateway failed, by kind (upstream_connect, upstream_timeout, ...).",
+            ),
+            &["kind"],
+        )?;
+        let breaker_open = IntGauge::new(
+            "gateway_circuit_breaker_open",
+            "1 while the breaker in front of the registry is open, else 0.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(resolutions.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(breaker_open.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        for source in ["cache", "registry", "stale", "env", "none"] {
+            resolutions.with_label_values(&[source]);
+        }
+        Ok(GatewayMetrics {
+            registry,
+            requests,
+            resolutions,
+            upstream_duration,
+            errors,
+            breaker_open,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,471 @@
+//! `rollcall gateway`: routes `ANY /v2/<service>/<path>` to a live instance of the service.
+//!
+//! `resolve` finds the instances (cache → registry → stale → env var), `balance` picks one,
+//! `proxy` forwards the request and streams the answer back. A connect failure is retried once
+//! on another instance, since nothing was sent; so is an idempotent request whose pooled
+//! connection broke before its body was read. `/gateway/status`, `/health` and `/metrics`
+//! describe the gateway itself.
+
+mod balance;
+mod error;
+mod metrics;
+mod proxy;
+mod resolve;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use self::balance::Balancer;
+pub use self::balance::EjectionConfig;
+pub use self::error::GatewayError;
+use self::metrics::GatewayMetrics;
+use self::proxy::{BodySlot, HttpClient, Outgoing, SendError};
+pub use self::resolve::{EnvSource, ResolverConfig, Source, env_var_name};
+use self::resolve::{Resolver, Upstream};
+use crate::breaker::{BreakerConfig, BreakerState};
+use crate::validate::service_name_rule;
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub resolver: ResolverConfig,
+    pub ejection: EjectionConfig,
+    pub connect_timeout: Duration,
+    /// Longest wait for an upstream's response headers (504 after).
+    pub response_timeout: Duration,
+    /// Longest pause inside a request or response body.
+    pub body_idle_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl GatewayConfig {
+    /// The defaults of DESIGN.md: 5 s cache, breaker opening after 3 failures, 60 s of
+    /// stale-if-error.
+    pub fn new(registry_url: Option<String>) -> Self {
+        GatewayConfig {
+            resolver: ResolverConfig {
+                registry_url,
+                cache_ttl: Duration::from_secs(5),
+                stale_for: Duration::from_secs(60),
+                registry_timeout: Duration::from_secs(1),
+                breaker: BreakerConfig {
+                    threshold: 3,
+                    cooldown: Duration::from_secs(5),
+                },
+                env: EnvSource::Process,
+            },
+            ejection: EjectionConfig {
+                after_failures: 3,
+                for_duration: Duration::from_secs(10),
+            },
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
+            max_body_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+struct Gateway {
+    config: GatewayConfig,
+    resolver: Resolver,
+    balancer: Arc<Balancer>,
+    client: HttpClient,
+    metrics: Arc<GatewayMetrics>,
+}
+
+fn build(config: GatewayConfig) -> io::Result<Arc<Gateway>> {
+    let metrics =
+        Arc::new(GatewayMetrics::new().map_err(|e| io::Error::other(format!("metrics: {e}")))?);
+    let on_transition = {
+        let metrics = metrics.clone();
+        move |state: BreakerState| {
+            metrics
+                .breaker_open
+                .set(i64::from(state != BreakerState::Closed));
+            tracing::warn!(state = state.as_str(), "registry circuit breaker");
+        }
+    };
+    let resolver =
+        Resolver::new(config.resolver.clone(), on_transition).map_err(io::Error::other)?;
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector);
+    Ok(Arc::new(Gateway {
+        balancer: Balancer::new(config.ejection),
+        resolver,
+        client,
+        metrics,
+        config,
+    }))
+}
+
+fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/gateway/status", get(status))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(route)
+        .with_state(gateway)
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let app = router(build(config)?);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// An in-process gateway (tests, benchmarks); dropping the handle stops it.
+pub struct GatewayHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<io::Result<()>>,
+}
+
+impl GatewayHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+pub async fn spawn(listen: SocketAddr, config: GatewayConfig) -> io::Result<GatewayHandle> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Ok(GatewayHandle {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// Splits `/v2/<service>/<rest>` as received (nothing decoded), answering `rest` with its
+/// query and a leading `/`.
+fn split_target(path_and_query: &str) -> Option<(&str, String)> {
+    let after = path_and_query.strip_prefix("/v2/")?;
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    let (service, rest) = after.split_at(end);
+    let rest = if rest.starts_with('?') || rest.is_empty() {
+        format!("/{rest}")
+    } else {
+        rest.to_string()
+    };
+    Some((service, rest))
+}
+
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| format!("{:016x}", fastrand::u64(..)), String::from)
+}
+
+async fn route(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let raw = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let (label, response) = match split_target(&raw) {
+        None => (
+            "_unresolved".to_string(),
+            GatewayError::BadRequest(format!(
+                "no route for {}; the gateway serves /v2/<service>/<path>, /gateway/status, \
+                 /health and /metrics",
+                req.uri().path()
+            ))
+            .into_response(),
+        ),
+        Some((service, rest)) => {
+            let service = service.to_string();
+            match forward(&gw, &service, &rest, req).await {
+                Ok(resp) => (service, resp),
+                Err((resolved, e)) => {
+                    gw.metrics.errors.with_label_values(&[e.kind()]).inc();
+                    let label = if resolved {
+                        service
+                    } else {
+                        "_unresolved".into()
+                    };
+                    (label, e.into_response())
+                }
+            }
+        }
+    };
+    gw.metrics
+        .requests
+        .with_label_values(&[&label, response.status().as_str()])
+        .inc();
+    response
+}
+
+/// Resolves, picks, sends (retrying a refused connect once elsewhere) and relays. The bool in
+/// the error says whether the service resolved, for the metric label.
+async fn forward(
+    gw: &Arc<Gateway>,
+    service: &str,
+    rest: &str,
+    req: Request,
+) -> Result<Response, (bool, GatewayError)> {
+    service_name_rule("service", service)
+        .map_err(|e| (false, GatewayError::BadRequest(e.to_string())))?;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > gw.config.max_body_bytes) {
+        return Err((
+            false,
+            GatewayError::PayloadTooLarge(gw.config.max_body_bytes),
+        ));
+    }
+    let resolution = match gw.resolver.resolve(service).await {
+        Ok(r) => r,
+        Err(tried) => {
+            gw.metrics.resolutions.with_label_values(&["none"]).inc();
+            return Err((
+                false,
+                GatewayError::NoInstance {
+                    service: service.to_string(),
+                    tried,
+                },
+            ));
+        }
+    };
+    gw.metrics
+        .resolutions
+        .with_label_values(&[resolution.source.as_str()])
+        .inc();
+
+    let client_ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let id = request_id(&req);
+    let (parts, body) = req.into_parts();
+    let slot = BodySlot::new(body, gw.config.max_body_bytes, gw.config.body_idle_timeout);
+    let out = Outgoing {
+        method: &parts.method,
+        headers: &parts.headers,
+        rest,
+        client_ip,
+        request_id: &id,
+    };
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        let Some(upstream) = gw.balancer.pick(&resolution.upstreams, &tried) else {
+            return Err((
+                true,
+                GatewayError::Connect {
+                    service: service.to_string(),
+                    upstream: tried.join(", "),
+                    detail: "no instance left to try".into(),
+                },
+            ));
+        };
+        let _in_flight = gw.balancer.start(&upstream.url);
+        let started = Instant::now();
+        let result = proxy::send(
+            &gw.client,
+            &upstream.url,
+            &out,
+            slot.body(),
+            gw.config.response_timeout,
+        )
+        .await;
+        match result {
+            Ok(resp) => {
+                gw.balancer.connected(&upstream.url);
+                gw.metrics
+                    .upstream_duration
+                    .with_label_values(&[service])
+                    .observe(started.elapsed().as_secs_f64());
+                let mut resp = proxy::relay(resp, gw.config.body_idle_timeout);
+                annotate(&mut resp, &upstream, resolution.source, &id);
+                return Ok(resp);
+            }
+            Err(SendError::Connect(detail)) => {
+                gw.balancer.connect_failed(&upstream.url);
+                tried.push(upstream.url.clone());
+                // Safe to retry only while the body is untouched, and only once.
+                if tried.len() >= 2 || !slot.untouched() {
+                    return Err((
+                        true,
+                        GatewayError::Connect {
+                            service: service.to_string(),
+                            upstream: upstream.url,
+                            detail,
+                        },
+                    ));
+                }
+                tracing::info!(service, upstream = %upstream.url, %detail, "connect failed; retrying on another instance");
+            }
+            Err(SendError::TooLarge) => {
+                return Err((
+                    true,
+                    GatewayError::PayloadTooLarge(gw.config.max_body_bytes),
+                ));
+            }
+            Err(SendError::Timeout) => {
+                return Err((
+                    true,
+                    GatewayError::Timeout {
+                        service: service.to_string(),
+                        upstream: upstream.url,
+                        after_ms: gw.config.response_timeout.as_millis(),
+                    },
+                ));
+            }
+            Err(SendError::Other(detail)) => {
+                // A pooled connection the instance closed as it died: an idempotent request
+                // whose body was never read may go once more, elsewhere.
+                tried.push(upstream.url.clone());
+                if tried.len() >= 2 || !slot.untouched() || !parts.method.is_idempotent() {
+                    return Err((
+                        true,
+                        GatewayError::Upstream {
+                            service: service.to_string(),
+                            upstream: upstream.url,
+                            detail,
+                        },
+                    ));
+                }
+                tracing::info!(service, upstream = %upstream.url, %detail, "exchange failed; retrying an idempotent request on another instance");
+            }
+        }
+    }
+}
+
+/// Says how the request was routed, for whoever debugs it.
+fn annotate(resp: &mut Response<Body>, upstream: &Upstream, source: Source, id: &str) {
+    let headers = resp.headers_mut();
+    headers.insert(
+        "x-rollcall-resolution",
+        HeaderValue::from_static(source.as_str()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&upstream.instance_id) {
+        headers.insert("x-rollcall-instance", v);
+    }
+    if !headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(id)
+    {
+        headers.insert("x-request-id", v);
+    }
+}
+
+async fn status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    let breaker = gw.resolver.breaker();
+    let cached = gw.resolver.cached();
+    axum::Json(json!({
+        "gateway": "operational",
+        "version": env!("CARGO_PKG_VERSION"),
+        "registry": gw.config.resolver.registry_url,
+        "circuit_breaker": {
+            "open": breaker.state != BreakerState::Closed,
+            "state": breaker.state.as_str(),
+            "failures": breaker.failures,
+            "threshold": gw.resolver.breaker_threshold(),
+        },
+        "cache": {
+            "size": cached.len(),
+            "ttl": gw.resolver.cache_ttl().as_secs(),
+            "services": cached.iter().map(|c| c.service.clone()).collect::<Vec<_>>(),
+            "entries": cached.iter().map(|c| json!({
+                "service": c.service,
+                "age_s": c.age.as_secs_f64(),
+                "instances": c.instances,
+                "fresh": c.age < gw.resolver.cache_ttl(),
+            })).collect::<Vec<_>>(),
+        },
+        "ejected": gw.balancer.ejected(),
+    }))
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    let breaker = gw.resolver.breaker();
+    let status = if breaker.state == BreakerState::Closed {
+        "healthy"
+    } else {
+        "degraded"
+    };
+    (
+        StatusCode::OK,
+        axum::Json(json!({
+            "status": status,
+            "version": env!("CARGO_PKG_VERSION"),
+            "registry_breaker": breaker.state.as_str(),
+        })),
+    )
+}
+
+async fn metrics_text(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        gw.metrics.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_target;
+
+    #[test]
+    fn targets_split_without_decoding() {
+        assert_eq!(
+            split_target("/v2/svc/a%2Fb/c?x=%41"),
+            Some(("svc", "/a%2Fb/c?x=%41".to_string()))
+        );
+        assert_eq!(split_target("/v2/svc"), Some(("svc", "/".to_string())));
+        assert_eq!(
+            split_target("/v2/svc?q=1"),
+            Some(("svc", "/?q=1".to_string()))
+        );
+        assert_eq!(split_target("/v1/svc/x"), None);
+    }
+}

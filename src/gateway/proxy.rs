@@ -1,0 +1,256 @@
+//! Forwarding one request to one upstream instance, streaming both bodies.
+//!
+//! The request body sits in a `BodySlot` that the outgoing request borrows lazily: hyper
+//! polls a body only once a connection exists, so when the connect fails the body is still in
+//! the slot, untouched, and the request can go to another instance. (hyper's client consumes
+//! its request; nothing in the ecosystem hands the body back, hence this small wrapper.)
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{Request, Response, Uri, Version};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_http::timeout::TimeoutBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Inner = TimeoutBody<Limited<Body>>;
+pub type HttpClient = Client<HttpConnector, SlotBody>;
+
+/// Holds the caller's request body until an attempt starts reading it.
+#[derive(Clone)]
+pub struct BodySlot(Arc<Mutex<Option<Inner>>>);
+
+impl BodySlot {
+    pub fn new(body: Body, limit: usize, idle: Duration) -> Self {
+        BodySlot(Arc::new(Mutex::new(Some(TimeoutBody::new(
+            idle,
+            Limited::new(body, limit),
+        )))))
+    }
+
+    /// True while no attempt has read any of the body.
+    pub fn untouched(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    pub fn body(&self) -> SlotBody {
+        SlotBody {
+            slot: self.0.clone(),
+            taken: None,
+        }
+    }
+}
+
+pub struct SlotBody {
+    slot: Arc<Mutex<Option<Inner>>>,
+    taken: Option<Pin<Box<Inner>>>,
+}
+
+impl HttpBody for SlotBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.taken.is_none() {
+            let inner = self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            match inner {
+                Some(b) => self.taken = Some(Box::pin(b)),
+                None => return Poll::Ready(Some(Err("request body already sent".into()))),
+            }
+        }
+        match self.taken.as_mut() {
+            Some(body) => body.as_mut().poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(HttpBody::is_end_stream),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(HttpBody::size_hint)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Headers that describe one connection, not the message: never forwarded either way.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including every header that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+}
+
+/// How an attempt failed.
+pub enum SendError {
+    /// No connection could be made: nothing was sent.
+    Connect(String),
+    /// The request body broke the size limit.
+    TooLarge,
+    /// Connected, but no response headers in time.
+    Timeout,
+    /// Connected, then the exchange failed.
+    Other(String),
+}
+
+/// What the caller's request looked like, for building each attempt.
+pub struct Outgoing<'a> {
+    pub method: &'a axum::http::Method,
+    pub headers: &'a HeaderMap,
+    /// Path and query after `/v2/<service>`, exactly as received (starts with `/`).
+    pub rest: &'a str,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub request_id: &'a str,
+}
+
+pub async fn send(
+    client: &HttpClient,
+    base: &str,
+    out: &Outgoing<'_>,
+    body: SlotBody,
+    response_timeout: Duration,
+) -> Result<Response<Incoming>, SendError> {
+    let target = format!("{}{}", base.trim_end_matches('/'), out.rest);
+    let uri: Uri = target
+        .parse()
+        .map_err(|e| SendError::Connect(format!("bad upstream URL {target:?}: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(SendError::Connect(format!(
+            "only http:// upstreams are supported, not {target:?}"
+        )));
+    }
+    let mut headers = out.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let original_host = headers.remove(header::HOST);
+    if let Some(authority) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    if let Some(ip) = out.client_ip {
+        let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let Some(host) = original_host
+        && !headers.contains_key("x-forwarded-host")
+    {
+        headers.insert("x-forwarded-host", host);
+    }
+    if let Ok(v) = HeaderValue::from_str(out.request_id) {
+        headers.insert("x-request-id", v);
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    match tokio::time::timeout(response_timeout, client.request(req)).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(chain(&e))),
+        Ok(Err(e)) if caused_by_limit(&e) => Err(SendError::TooLarge),
+        Ok(Err(e)) => Err(SendError::Other(chain(&e))),
+    }
+}
+
+fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.downcast_ref::<LengthLimitError>().is_some() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(err) = source {
+        parts.push(err.to_string());
+        source = err.source();
+    }
+    parts.join(": ")
+}
+
+/// The upstream's response, hop-by-hop headers removed, body streamed with an idle limit.
+pub fn relay(resp: Response<Incoming>, idle: Duration) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Body::new(TimeoutBody::new(idle, body)))
+}

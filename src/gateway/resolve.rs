@@ -1,0 +1,320 @@
+//! Where a service is: local cache (fresh for `cache_ttl`) → the registry through the load
+//! balancer, behind its own circuit breaker → the last good answer for `stale_for` while the
+//! registry is unreachable (stale-if-error) → the `<SERVICE>_URL` environment variable → none.
+//!
+//! Concurrent misses for one service wait for a single registry call instead of stampeding it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
+
+/// Where a resolution came from; also the `source` label of the resolution metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Registry,
+    Stale,
+    Env,
+    None,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Registry => "registry",
+            Source::Stale => "stale",
+            Source::Env => "env",
+            Source::None => "none",
+        }
+    }
+}
+
+/// One instance the gateway may send a request to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// The registered endpoint (may carry a path prefix).
+    pub url: String,
+    pub instance_id: String,
+    pub healthy: bool,
+    pub load: Option<f64>,
+    pub p95_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub upstreams: Arc<Vec<Upstream>>,
+    pub source: Source,
+}
+
+/// Where `<SERVICE>_URL` variables are read from: the process environment, or a fixed map
+/// (tests, which must not change the environment of other tests running in parallel).
+#[derive(Debug, Clone)]
+pub enum EnvSource {
+    Process,
+    Fixed(HashMap<String, String>),
+}
+
+impl EnvSource {
+    fn get(&self, key: &str) -> Option<String> {
+        match self {
+            EnvSource::Process => std::env::var(key).ok(),
+            EnvSource::Fixed(map) => map.get(key).cloned(),
+        }
+        .filter(|v| !v.is_empty())
+    }
+}
+
+/// `osint_service` → `OSINT_SERVICE_URL`, `a-b.c` → `A_B_C_URL`: the existing deployment's
+/// variables.
+pub fn env_var_name(service: &str) -> String {
+    format!("{}_URL", service.to_uppercase().replace(['-', '.'], "_"))
+}
+
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// The registry (the load balancer); `None` resolves from env vars only.
+    pub registry_url: Option<String>,
+    pub cache_ttl: Duration,
+    pub stale_for: Duration,
+    pub registry_timeout: Duration,
+    pub breaker: BreakerConfig,
+    pub env: EnvSource,
+}
+
+struct Entry {
+    upstreams: Arc<Vec<Upstream>>,
+    fetched_at: Instant,
+}
+
+/// Why a registry lookup gave nothing.
+enum Miss {
+    Unknown,
+    Unreachable(String),
+}
+
+pub struct Resolver {
+    config: ResolverConfig,
+    http: reqwest::Client,
+    cache: Cache<String, Arc<Entry>>,
+    locks: Cache<String, Arc<Mutex<()>>>,
+    breaker: Arc<Breaker>,
+}
+
+/// What `/gateway/status` shows of one cached service.
+#[derive(Debug, Clone)]
+pub struct CachedService {
+    pub service: String,
+    pub age: Duration,
+    pub instances: usize,
+}
+
+impl Resolver {
+    pub fn new(
+        config: ResolverConfig,
+        on_transition: impl Fn(BreakerState) + Send + Sync + 'static,
+    ) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(config.registry_timeout)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Resolver {
+            cache: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.stale_for.max(config.cache_ttl))
+                .build(),
+            locks: Cache::builder().max_capacity(10_000).build(),
+            breaker: Breaker::new(config.breaker, on_transition),
+            http,
+            config,
+        })
+    }
+
+    pub fn breaker(&self) -> BreakerSnapshot {
+        self.breaker.snapshot()
+    }
+
+    pub fn breaker_threshold(&self) -> u32 {
+        self.config.breaker.threshold
+    }
+
+    pub fn cache_ttl(&self) -> Duration {
+        self.config.cache_ttl
+    }
+
+    pub fn cached(&self) -> Vec<CachedService> {
+        let mut out: Vec<CachedService> = self
+            .cache
+            .iter()
+            .map(|(k, e)| CachedService {
+                service: (*k).clone(),
+                age: e.fetched_at.elapsed(),
+                instances: e.upstreams.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
+    fn fresh(&self, service: &str) -> Option<Arc<Vec<Upstream>>> {
+        self.cache
+            .get(service)
+            .filter(|e| e.fetched_at.elapsed() < self.config.cache_ttl)
+            .map(|e| e.upstreams.clone())
+    }
+
+    /// Resolves `service`; `Err` carries what was tried, for the 503 body.
+    pub async fn resolve(&self, service: &str) -> Result<Resolution, String> {
+        if let Some(upstreams) = self.fresh(service) {
+            return Ok(Resolution {
+                upstreams,
+                source: Source::Cache,
+            });
+        }
+        let lock = self
+            .locks
+            .get_with(service.to_string(), || Arc::new(Mutex::new(())));
+        let _single_flight = lock.lock().await;
+        if let Some(upstreams) = self.fresh(service) {
+            return Ok(Resolution {
+                upstreams,
+                source: Source::Cache,
+            });
+        }
+        let mut tried = vec!["cache".to_string()];
+        match self.query(service).await {
+            Ok(upstreams) => {
+                let upstreams = Arc::new(upstreams);
+                self.cache.insert(
+                    service.to_string(),
+                    Arc::new(Entry {
+                        upstreams: upstreams.clone(),
+                        fetched_at: Instant::now(),
+                    }),
+                );
+                return Ok(Resolution {
+                    upstreams,
+                    source: Source::Registry,
+                });
+            }
+            Err(Miss::Unknown) => {
+                self.cache.invalidate(service);
+                tried.push("registry (no live instance)".into());
+            }
+            Err(Miss::Unreachable(why)) => {
+                tried.push(format!("registry ({why})"));
+                if let Some(entry) = self
+                    .cache
+                    .get(service)
+                    .filter(|e| e.fetched_at.elapsed() < self.config.stale_for)
+                {
+                    return Ok(Resolution {
+                        upstreams: entry.upstreams.clone(),
+                        source: Source::Stale,
+                    });
+                }
+                tried.push("stale cache (nothing recent)".into());
+            }
+        }
+        let var = env_var_name(service);
+        match self.config.env.get(&var) {
+            Some(url) => Ok(Resolution {
+                upstreams: Arc::new(vec![Upstream {
+                    url,
+                    instance_id: format!("env:{var}"),
+                    healthy: true,
+                    load: None,
+                    p95_ms: None,
+                }]),
+                source: Source::Env,
+            }),
+            None => {
+                tried.push(format!("env {var} (unset)"));
+                Err(tried.join(", "))
+            }
+        }
+    }
+
+    async fn query(&self, service: &str) -> Result<Vec<Upstream>, Miss> {
+        let Some(base) = &self.config.registry_url else {
+            return Err(Miss::Unreachable("no registry configured".into()));
+        };
+        let permit = self
+            .breaker
+            .try_acquire()
+            .map_err(|_| Miss::Unreachable("circuit breaker open".into()))?;
+        let answer = self
+            .http
+            .get(format!("{base}/services/{service}"))
+            .send()
+            .await;
+        let resp = match answer {
+            Ok(r) => r,
+            Err(e) => {
+                permit.failed();
+                return Err(Miss::Unreachable(if e.is_timeout() {
+                    "timed out".into()
+                } else {
+                    "unreachable".into()
+                }));
+            }
+        };
+        match resp.status().as_u16() {
+            200 => {}
+            404 => {
+                permit.succeeded();
+                return Err(Miss::Unknown);
+            }
+            code => {
+                permit.failed();
+                return Err(Miss::Unreachable(format!("answered {code}")));
+            }
+        }
+        let body: serde_json::Value = match resp.json().await {
+            Ok(b) => b,
+            Err(e) => {
+                permit.failed();
+                return Err(Miss::Unreachable(format!("unreadable answer: {e}")));
+            }
+        };
+        permit.succeeded();
+        let upstreams: Vec<Upstream> = body["instances"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|i| {
+                        Some(Upstream {
+                            url: i["endpoint"].as_str()?.to_string(),
+                            instance_id: i["instance_id"].as_str().unwrap_or_default().to_string(),
+                            healthy: i["status"].as_str() != Some("degraded"),
+                            load: i["load"].as_f64(),
+                            p95_ms: i["p95_ms"].as_f64(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if upstreams.is_empty() {
+            Err(Miss::Unknown)
+        } else {
+            Ok(upstreams)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::env_var_name;
+
+    #[test]
+    fn env_var_names_follow_the_existing_deployment() {
+        assert_eq!(env_var_name("osint_service"), "OSINT_SERVICE_URL");
+        assert_eq!(env_var_name("ip-intel.v2"), "IP_INTEL_V2_URL");
+    }
+}
