@@ -30,6 +30,7 @@ case "$CHAOS_TARGET" in
     ;;
   compose)
     LB=${ROLLCALL_LB_URL:-http://127.0.0.1:8888}
+    ROLLCALL_GATEWAY_URL=${ROLLCALL_GATEWAY_URL:-http://127.0.0.1:8000}
     COMPOSE=(docker compose -f "$ROOT/docker-compose.yml")
     REGISTRY_COUNT=3
     REDIS_COUNT=3
@@ -115,11 +116,16 @@ all_alive() {
   for (( i = 0; i < SENTINEL_COUNT; i++ )); do v="SENTINEL_${i}_PID"; kill -0 "${!v}" 2>/dev/null || return 1; done
 }
 
-# start_load ARGS...: run `rollcall load` in the background for LOAD_SECONDS.
+# start_load ARGS...: run `rollcall load` in the background for LOAD_SECONDS. With a gateway
+# in the cluster, requests also go through it, and none of those may fail.
 start_load() {
   LOAD_OUT=$(mktemp)
-  say "driving load for ${LOAD_SECONDS}s through $LB"
-  "$ROLLCALL" load --url "$LB" --duration "${LOAD_SECONDS}s" "$@" >"$LOAD_OUT" 2>&1 &
+  local gw=()
+  if [ -n "${ROLLCALL_GATEWAY_URL:-}" ]; then
+    gw=(--gateway "$ROLLCALL_GATEWAY_URL" --expect-no-failed-gateway)
+  fi
+  say "driving load for ${LOAD_SECONDS}s through $LB${ROLLCALL_GATEWAY_URL:+ and the gateway at $ROLLCALL_GATEWAY_URL}"
+  "$ROLLCALL" load --url "$LB" --duration "${LOAD_SECONDS}s" "${gw[@]}" "$@" >"$LOAD_OUT" 2>&1 &
   LOAD_PID=$!
 }
 

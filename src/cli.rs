@@ -45,7 +45,7 @@ pub enum Command {
     /// Run a registry replica (stateless; entries live in Redis).
     Serve(Box<ServeArgs>),
     /// Run the whole HA cluster on this machine (Redis master + 2 replicas, 3 Sentinels,
-    /// 3 registry replicas, nginx); Ctrl-C stops everything.
+    /// 3 registry replicas, nginx, gateway); Ctrl-C stops everything.
     Dev(DevArgs),
     /// Run the gateway: routes /v2/<service>/<path> to a live instance of the service.
     Gateway(Box<GatewayArgs>),
@@ -171,6 +171,15 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 5)]
     pub seed: usize,
 
+    /// Also send requests through this gateway (to a service registered for the run whose
+    /// instance is the load balancer at --url), and report how they were resolved.
+    #[arg(long, env = "ROLLCALL_LOAD_GATEWAY")]
+    pub gateway: Option<String>,
+
+    /// Fail if any request through the gateway failed.
+    #[arg(long)]
+    pub expect_no_failed_gateway: bool,
+
     /// Fail (exit 1) if any lookup failed.
     #[arg(long)]
     pub expect_no_failed_reads: bool,
@@ -262,6 +271,10 @@ pub struct DevArgs {
     /// Port of the nginx load balancer in front of the registry replicas.
     #[arg(long, env = "ROLLCALL_DEV_LB_PORT", default_value_t = 8888)]
     pub lb_port: u16,
+
+    /// Port of the gateway (`/v2/<service>/<path>`), pointed at the load balancer.
+    #[arg(long, env = "ROLLCALL_DEV_GATEWAY_PORT", default_value_t = 8000)]
+    pub gateway_port: u16,
 
     /// First of the other ports: Redis nodes on BASE..BASE+2, Sentinels on BASE+10..BASE+12,
     /// registry replicas on BASE+20..BASE+22.

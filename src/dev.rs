@@ -36,10 +36,13 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
             redis_base: port(0),
             sentinel_base: port(10),
             registry_base: port(20),
+            gateway: Some(args.gateway_port),
         },
         ..TopologySpec::standard(bin, dir.clone())
     };
-    println!("starting Redis master + 2 replicas, 3 Sentinels, 3 registry replicas, nginx ...");
+    println!(
+        "starting Redis master + 2 replicas, 3 Sentinels, 3 registry replicas, nginx, gateway ..."
+    );
     let mut topology = Topology::start(spec).await?;
     let state_path = dir.join(STATE_FILE);
     write_state(&mut topology, &state_path)?;
@@ -47,6 +50,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     println!();
     println!("rollcall dev is up");
     println!("  registry (nginx LB)  {}", topology.lb_url());
+    if let Some(g) = &topology.gateway {
+        println!("  gateway              {}/v2/<service>/<path>", g.url());
+    }
     for r in &topology.registries {
         println!("  registry replica     {}", r.url());
     }
@@ -105,6 +111,10 @@ fn state_env(t: &mut Topology) -> String {
         format!("SENTINEL_MASTER={}", crate::launch::MASTER_NAME),
         format!("NGINX_PID={}", t.nginx.process().pid()),
         format!("NGINX_PORT={}", t.nginx.port()),
+        format!(
+            "ROLLCALL_GATEWAY_URL={}",
+            t.gateway.as_ref().map(|g| g.url()).unwrap_or_default()
+        ),
         format!("REGISTRY_COUNT={}", t.registries.len()),
         format!("REDIS_COUNT={}", t.redis.len()),
         format!("SENTINEL_COUNT={}", t.sentinels.len()),
@@ -141,6 +151,11 @@ async fn restart_dead(topology: &mut Topology) {
         if !r.process().is_running() {
             report(r.process().name().to_string(), r.restart().await);
         }
+    }
+    if let Some(g) = &mut topology.gateway
+        && !g.process().is_running()
+    {
+        report(g.process().name().to_string(), g.restart().await);
     }
     if !topology.nginx.process().is_running() {
         let name = topology.nginx.process().name().to_string();

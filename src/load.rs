@@ -33,6 +33,8 @@ pub struct LoadSpec {
     pub max_duration: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Also send requests through a gateway: (gateway URL, service, path).
+    pub gateway: Option<(String, String, String)>,
 }
 
 impl LoadSpec {
@@ -46,6 +48,7 @@ impl LoadSpec {
             write_service: "load-writer".into(),
             max_duration: Duration::from_secs(120),
             timeout: Duration::from_secs(5),
+            gateway: None,
         }
     }
 }
@@ -63,6 +66,8 @@ pub struct Tally {
     /// When the first and the last failure happened, in seconds since the load started.
     pub first_failure_s: Option<f64>,
     pub last_failure_s: Option<f64>,
+    /// Successful answers by how the gateway resolved the service (gateway requests only).
+    pub resolutions: BTreeMap<String, u64>,
     /// Latencies of successful requests, for percentiles.
     #[serde(skip)]
     latencies_ms: Vec<f64>,
@@ -107,6 +112,8 @@ pub struct LoadReport {
     pub duration_s: f64,
     pub reads: Tally,
     pub writes: Tally,
+    /// Requests through the gateway, when one was given.
+    pub gateway: Tally,
     /// Instance ids of `write_service` whose registration was answered 201.
     #[serde(skip)]
     pub acknowledged: Vec<String>,
@@ -127,11 +134,19 @@ impl LoadReport {
                 t.failures_by_kind
             )
         };
-        format!(
+        let mut out = format!(
             "{}\n{}",
             line("reads", &self.reads),
             line("writes", &self.writes)
-        )
+        );
+        if self.gateway.sent > 0 {
+            out.push_str(&format!(
+                "\n{}  resolutions {:?}",
+                line("gateway", &self.gateway),
+                self.gateway.resolutions
+            ));
+        }
+        out
     }
 }
 
@@ -215,6 +230,17 @@ pub fn start(spec: LoadSpec) -> Result<LoadHandle, String> {
             ));
         }
     }
+    if spec.gateway.is_some() {
+        for n in 0..2 {
+            tasks.spawn(gateway_loop(
+                n,
+                spec.clone(),
+                http.clone(),
+                shared.clone(),
+                stopped.clone(),
+            ));
+        }
+    }
     for n in 0..spec.writers {
         tasks.spawn(write_loop(
             n,
@@ -266,6 +292,52 @@ async fn read_loop(
         };
         let latency = t.elapsed();
         lock(&shared).reads.record(at, latency, outcome);
+        pause(&spec, &mut stopped).await;
+    }
+}
+
+async fn gateway_loop(
+    _n: usize,
+    spec: Arc<LoadSpec>,
+    http: reqwest::Client,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let Some((gateway, service, path)) = spec.gateway.clone() else {
+        return;
+    };
+    let url = format!("{gateway}/v2/{service}{path}");
+    while keep_going(&spec, &shared, &stopped) {
+        let at = shared.started.elapsed();
+        let t = Instant::now();
+        let outcome = match http.get(&url).send().await {
+            Ok(resp) if resp.status().is_success() => {
+                let source = resp
+                    .headers()
+                    .get("x-rollcall-resolution")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?")
+                    .to_string();
+                resp.bytes()
+                    .await
+                    .map(|_| source)
+                    .map_err(|_| "body".to_string())
+            }
+            Ok(resp) => Err(resp.status().as_u16().to_string()),
+            Err(_) => Err("error".into()),
+        };
+        let latency = t.elapsed();
+        {
+            let mut report = lock(&shared);
+            let tally = &mut report.gateway;
+            match outcome {
+                Ok(source) => {
+                    *tally.resolutions.entry(source).or_default() += 1;
+                    tally.record(at, latency, Ok(false));
+                }
+                Err(e) => tally.record(at, latency, Err(e)),
+            }
+        }
         pause(&spec, &mut stopped).await;
     }
 }
@@ -349,13 +421,43 @@ pub async fn command(args: &crate::cli::LoadArgs) -> Result<bool, String> {
         seeds.push(name);
     }
     let write_service = format!("load-writer-{run}");
+    let gateway = match &args.gateway {
+        Some(gw) => {
+            // A service whose instance is the load balancer itself: nginx answers
+            // `/lb-health` even with every registry replica down, so what the gateway sees is
+            // its own resolution (registry, cache, stale), not the upstream's.
+            let name = format!("load-gw-{run}");
+            let resp = http
+                .post(format!("{}/register", args.url))
+                .json(&json!({"service_name": name, "endpoint": args.url, "ttl_s": 3600}))
+                .send()
+                .await
+                .map_err(|e| format!("cannot register {name}: {e}"))?;
+            if resp.status().as_u16() != 201 {
+                return Err(format!("registering {name} answered {}", resp.status()));
+            }
+            seeds.push(name.clone());
+            Some((
+                gw.trim_end_matches('/').to_string(),
+                name,
+                "/lb-health".to_string(),
+            ))
+        }
+        None => None,
+    };
+    let read_services: Vec<String> = seeds
+        .iter()
+        .filter(|s| s.starts_with("load-seed-"))
+        .cloned()
+        .collect();
     let spec = LoadSpec {
-        read_services: seeds.clone(),
+        read_services,
         readers: args.readers,
         writers: args.writers,
         pause: args.pause,
         write_service: write_service.clone(),
         max_duration: args.duration,
+        gateway,
         ..LoadSpec::new(args.url.clone())
     };
     println!(
@@ -412,6 +514,9 @@ pub async fn command(args: &crate::cli::LoadArgs) -> Result<bool, String> {
             "registrations failed for {:.2} s (limit {limit:?})",
             b - a
         ));
+    }
+    if args.expect_no_failed_gateway && report.gateway.failed > 0 {
+        broken.push(format!("{} gateway requests failed", report.gateway.failed));
     }
     if lost.is_some_and(|n| n > 0) {
         broken.push("acknowledged registrations were lost".into());

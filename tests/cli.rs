@@ -163,6 +163,7 @@ async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("dev");
     let lb = free_port();
+    let gateway = free_port();
     // A base whose 23 following ports are very likely free: tests pick ports near the top of
     // the ephemeral range, so start well below it.
     let base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
@@ -174,6 +175,8 @@ async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
                 &lb.to_string(),
                 "--port-base",
                 &base.to_string(),
+                "--gateway-port",
+                &gateway.to_string(),
             ])
             .arg("--data-dir")
             .arg(&data)
@@ -191,6 +194,7 @@ async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
         "rollcall dev writes its state file once the cluster is up"
     );
     assert!(wait_healthy(&http, &format!("http://127.0.0.1:{lb}/health")).await);
+    assert!(wait_healthy(&http, &format!("http://127.0.0.1:{gateway}/gateway/status")).await);
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("state.json")).expect("state"))
             .expect("json");
@@ -200,7 +204,11 @@ async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
         .iter()
         .map(|p| p["pid"].as_i64().expect("pid") as i32)
         .collect();
-    assert_eq!(pids.len(), 10, "3 Redis, 3 Sentinels, 3 registries, nginx");
+    assert_eq!(
+        pids.len(),
+        11,
+        "3 Redis, 3 Sentinels, 3 registries, nginx, gateway"
+    );
 
     assert_eq!(sigterm_and_wait(&mut child), Some(0));
     for pid in pids {

@@ -104,6 +104,13 @@ fn compose_has_the_whole_topology_and_every_command_parses() {
                 assert!(host_exists(&addr), "{name}: {key} {addr} is not a service");
             }
         }
+        if let Some(url) = flag(&command, "--registry-url") {
+            let host = url.trim_start_matches("http://");
+            assert!(
+                host_exists(host),
+                "{name}: --registry-url {url} is not a service"
+            );
+        }
         if let Some(list) = flag(&command, "--upstreams") {
             let ups: Vec<&str> = list.split(',').collect();
             assert_eq!(ups.len(), 3, "{name}: nginx balances three replicas");

@@ -1,4 +1,5 @@
-//! A `rollcall serve` replica as its own OS process, so that chaos tests can kill it for real.
+//! `rollcall serve` replicas and `rollcall gateway` as their own OS processes, so that chaos
+//! tests can kill them for real.
 
 use std::path::Path;
 use std::time::Duration;
@@ -19,6 +20,28 @@ impl RegistryProcess {
         port: Option<u16>,
         args: &[String],
     ) -> Result<Self, LaunchError> {
+        Self::start_command(bin, dir, port, "serve", "registry", args).await
+    }
+
+    /// Runs `bin gateway --listen 127.0.0.1:<port> --registry-url <registry>`.
+    pub async fn start_gateway(
+        bin: &Path,
+        dir: &Path,
+        port: Option<u16>,
+        registry: &str,
+    ) -> Result<Self, LaunchError> {
+        let args = ["--registry-url".to_string(), registry.to_string()];
+        Self::start_command(bin, dir, port, "gateway", "gateway", &args).await
+    }
+
+    async fn start_command(
+        bin: &Path,
+        dir: &Path,
+        port: Option<u16>,
+        command: &str,
+        role: &str,
+        args: &[String],
+    ) -> Result<Self, LaunchError> {
         let port = match port {
             Some(p) => p,
             None => free_port().map_err(|e| LaunchError::io("picking a free port", e))?,
@@ -26,16 +49,16 @@ impl RegistryProcess {
         std::fs::create_dir_all(dir)
             .map_err(|e| LaunchError::io(format!("creating {}", dir.display()), e))?;
         let mut argv = vec![
-            "serve".to_string(),
+            command.to_string(),
             "--listen".to_string(),
             format!("127.0.0.1:{port}"),
         ];
         argv.extend(args.iter().cloned());
         let process = ManagedProcess::spawn(
-            format!("registry:{port}"),
+            format!("{role}:{port}"),
             &bin.display().to_string(),
             argv,
-            &dir.join(format!("registry-{port}.log")),
+            &dir.join(format!("{role}-{port}.log")),
             "rollcall",
             "rollcall (cargo build)",
         )?;

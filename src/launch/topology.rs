@@ -22,6 +22,7 @@ pub struct Ports {
     pub redis_base: Option<u16>,
     /// Sentinel i listens on `sentinel_base + i`.
     pub sentinel_base: Option<u16>,
+    pub gateway: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +37,8 @@ pub struct TopologySpec {
     pub ports: Ports,
     /// Extra `rollcall serve` flags (tests shorten timeouts with these).
     pub serve_args: Vec<String>,
+    /// Also run `rollcall gateway` in front of the load balancer.
+    pub gateway: bool,
 }
 
 impl TopologySpec {
@@ -49,6 +52,7 @@ impl TopologySpec {
             sentinels: 3,
             ports: Ports::default(),
             serve_args: Vec::new(),
+            gateway: true,
         }
     }
 }
@@ -60,6 +64,7 @@ pub struct Topology {
     pub sentinels: Vec<Sentinel>,
     pub registries: Vec<RegistryProcess>,
     pub nginx: Nginx,
+    pub gateway: Option<RegistryProcess>,
 }
 
 fn nth(base: Option<u16>, i: usize) -> Option<u16> {
@@ -125,12 +130,21 @@ impl Topology {
             .collect();
         let nginx = Nginx::start(&dir, spec.ports.lb, &upstreams).await?;
         tracing::info!(lb = %nginx.url(), "registry replicas and nginx ready");
+        let gateway = if spec.gateway {
+            Some(
+                RegistryProcess::start_gateway(&spec.bin, &dir, spec.ports.gateway, &nginx.url())
+                    .await?,
+            )
+        } else {
+            None
+        };
         Ok(Topology {
             spec,
             redis,
             sentinels,
             registries,
             nginx,
+            gateway,
         })
     }
 
@@ -199,8 +213,13 @@ impl Topology {
         }
         let port = self.nginx.port();
         processes.push(entry("nginx", port, self.nginx.process()));
+        if let Some(g) = &mut self.gateway {
+            let port = g.port();
+            processes.push(entry("gateway", port, g.process()));
+        }
         json!({
             "lb_url": self.lb_url(),
+            "gateway_url": self.gateway.as_ref().map(RegistryProcess::url),
             "registry_urls": self.registries.iter().map(RegistryProcess::url).collect::<Vec<_>>(),
             "sentinels": self.sentinel_addrs(),
             "sentinel_master": MASTER_NAME,
@@ -219,8 +238,11 @@ impl Topology {
             .map_err(|e| LaunchError::io(format!("writing {}", path.display()), e))
     }
 
-    /// Graceful stop, front to back: nginx, registries, Sentinels, Redis.
+    /// Graceful stop, front to back: gateway, nginx, registries, Sentinels, Redis.
     pub fn stop(&mut self) {
+        if let Some(g) = &mut self.gateway {
+            g.stop();
+        }
         self.nginx.stop();
         for r in &mut self.registries {
             r.stop();

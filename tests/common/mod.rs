@@ -157,6 +157,7 @@ impl Ha {
             env!("CARGO_BIN_EXE_rollcall").into(),
             dir.path().to_path_buf(),
         );
+        spec.gateway = false;
         spec.serve_args = [
             "--redis-timeout",
             "500ms",
