@@ -91,6 +91,8 @@ pub struct ResolverConfig {
 struct Entry {
     upstreams: Arc<Vec<Upstream>>,
     fetched_at: Instant,
+    /// `Registry` or `Env`: only registry answers may be served stale.
+    origin: Source,
 }
 
 /// Why a registry lookup gave nothing.
@@ -162,42 +164,50 @@ impl Resolver {
         out
     }
 
-    fn fresh(&self, service: &str) -> Option<Arc<Vec<Upstream>>> {
+    /// A cached answer younger than `cache_ttl`: `Cache` for registry answers, `Env` for
+    /// env-var answers (so the metric still says the service is not in the registry).
+    fn fresh(&self, service: &str) -> Option<Resolution> {
         self.cache
             .get(service)
             .filter(|e| e.fetched_at.elapsed() < self.config.cache_ttl)
-            .map(|e| e.upstreams.clone())
+            .map(|e| Resolution {
+                upstreams: e.upstreams.clone(),
+                source: if e.origin == Source::Env {
+                    Source::Env
+                } else {
+                    Source::Cache
+                },
+            })
+    }
+
+    fn remember(&self, service: &str, upstreams: Arc<Vec<Upstream>>, origin: Source) {
+        self.cache.insert(
+            service.to_string(),
+            Arc::new(Entry {
+                upstreams,
+                fetched_at: Instant::now(),
+                origin,
+            }),
+        );
     }
 
     /// Resolves `service`; `Err` carries what was tried, for the 503 body.
     pub async fn resolve(&self, service: &str) -> Result<Resolution, String> {
-        if let Some(upstreams) = self.fresh(service) {
-            return Ok(Resolution {
-                upstreams,
-                source: Source::Cache,
-            });
+        if let Some(hit) = self.fresh(service) {
+            return Ok(hit);
         }
         let lock = self
             .locks
             .get_with(service.to_string(), || Arc::new(Mutex::new(())));
         let _single_flight = lock.lock().await;
-        if let Some(upstreams) = self.fresh(service) {
-            return Ok(Resolution {
-                upstreams,
-                source: Source::Cache,
-            });
+        if let Some(hit) = self.fresh(service) {
+            return Ok(hit);
         }
         let mut tried = vec!["cache".to_string()];
         match self.query(service).await {
             Ok(upstreams) => {
                 let upstreams = Arc::new(upstreams);
-                self.cache.insert(
-                    service.to_string(),
-                    Arc::new(Entry {
-                        upstreams: upstreams.clone(),
-                        fetched_at: Instant::now(),
-                    }),
-                );
+                self.remember(service, upstreams.clone(), Source::Registry);
                 return Ok(Resolution {
                     upstreams,
                     source: Source::Registry,
@@ -209,11 +219,9 @@ impl Resolver {
             }
             Err(Miss::Unreachable(why)) => {
                 tried.push(format!("registry ({why})"));
-                if let Some(entry) = self
-                    .cache
-                    .get(service)
-                    .filter(|e| e.fetched_at.elapsed() < self.config.stale_for)
-                {
+                if let Some(entry) = self.cache.get(service).filter(|e| {
+                    e.origin == Source::Registry && e.fetched_at.elapsed() < self.config.stale_for
+                }) {
                     return Ok(Resolution {
                         upstreams: entry.upstreams.clone(),
                         source: Source::Stale,
@@ -224,16 +232,22 @@ impl Resolver {
         }
         let var = env_var_name(service);
         match self.config.env.get(&var) {
-            Some(url) => Ok(Resolution {
-                upstreams: Arc::new(vec![Upstream {
+            Some(url) => {
+                let upstreams = Arc::new(vec![Upstream {
                     url,
                     instance_id: format!("env:{var}"),
                     healthy: true,
                     load: None,
                     p95_ms: None,
-                }]),
-                source: Source::Env,
-            }),
+                }]);
+                // Cached like a registry answer, so env-only services do not queue on the
+                // single-flight lock for every request.
+                self.remember(service, upstreams.clone(), Source::Env);
+                Ok(Resolution {
+                    upstreams,
+                    source: Source::Env,
+                })
+            }
             None => {
                 tried.push(format!("env {var} (unset)"));
                 Err(tried.join(", "))

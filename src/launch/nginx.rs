@@ -39,10 +39,26 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// The load balancer of `nginx/nginx.conf` in front of `upstreams`.
     pub async fn start(
         dir: &Path,
         port: Option<u16>,
         upstreams: &[SocketAddr],
+    ) -> Result<Self, LaunchError> {
+        let upstreams: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+        Self::start_with(dir, port, "/lb-health", |listen, node_dir| {
+            config(listen, node_dir, &upstreams)
+        })
+        .await
+    }
+
+    /// nginx with another config (benchmarks): `render(listen, dir)` writes it, and `ready`
+    /// is a path that answers 200 once it serves.
+    pub async fn start_with(
+        dir: &Path,
+        port: Option<u16>,
+        ready: &str,
+        render: impl Fn(&str, &Path) -> String,
     ) -> Result<Self, LaunchError> {
         let port = match port {
             Some(p) => p,
@@ -51,15 +67,13 @@ impl Nginx {
         let node_dir = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(&node_dir)
             .map_err(|e| LaunchError::io(format!("creating {}", node_dir.display()), e))?;
-        let upstreams: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
-        let config = config(&format!("127.0.0.1:{port}"), &node_dir, &upstreams);
+        let config = render(&format!("127.0.0.1:{port}"), &node_dir);
         let config_path = node_dir.join("nginx.conf");
         std::fs::write(&config_path, config)
             .map_err(|e| LaunchError::io(format!("writing {}", config_path.display()), e))?;
-        let nginx = binary();
         let mut process = ManagedProcess::spawn(
             format!("nginx:{port}"),
-            nginx,
+            binary(),
             vec![
                 "-e".into(),
                 node_dir.join("error.log").display().to_string(),
@@ -72,11 +86,11 @@ impl Nginx {
             "nginx",
             "nginx",
         )?;
-        let url = format!("http://127.0.0.1:{port}/lb-health");
+        let url = format!("http://127.0.0.1:{port}{ready}");
         wait_until(&mut process, || async {
             match http_status(&url).await? {
                 200 => Ok(()),
-                s => Err(format!("/lb-health answered {s}")),
+                s => Err(format!("{ready} answered {s}")),
             }
         })
         .await?;

@@ -1,0 +1,193 @@
+//! Gateway vs nginx, proxying to the same upstream on this machine, measured with wrk.
+//!
+//! Run with `./scripts/bench` (or `cargo bench --bench gateway`; wrk must be installed).
+//! Both proxies forward `GET /hello` to an nginx that answers "ok" itself; the gateway
+//! resolves the service from an env var (cached), so what is compared is the proxying.
+//! Targets: gateway p50 within 1.3x of nginx's, throughput at least 70 % of nginx's.
+//! Knobs: BENCH_SECONDS (default 8), BENCH_CONNECTIONS (32), BENCH_ROUNDS (2),
+//! BENCH_GATEWAY_WORKERS (1, like the single nginx worker it is compared with).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rollcall::gateway::{self, EnvSource, GatewayConfig};
+use rollcall::launch::{Nginx, render};
+
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// "123.45us" / "1.23ms" / "2.00s" → ms.
+fn millis(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * scale)
+}
+
+fn wrk(url: &str, seconds: u64, connections: u64) -> Result<Sample, String> {
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", url])
+        .output()
+        .map_err(|e| format!("cannot run wrk (apt-get install wrk): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
+    let rps = field("Requests/sec:")
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let p50 = field("50%").and_then(|v| millis(&v)).ok_or("no p50")?;
+    let p99 = field("99%").and_then(|v| millis(&v)).ok_or("no p99")?;
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        return Err(format!("errors during the run:\n{text}"));
+    }
+    Ok(Sample {
+        rps,
+        p50_ms: p50,
+        p99_ms: p99,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("gateway benchmark: run it with `cargo bench --bench gateway` (or ./scripts/bench)");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Err(e) = rt.block_on(run()) {
+        eprintln!("benchmark failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let seconds = env_or("BENCH_SECONDS", 8);
+    let connections = env_or("BENCH_CONNECTIONS", 32);
+    let rounds = env_or("BENCH_ROUNDS", 2);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| {
+        std::fs::read_to_string(root.join("bench").join(name)).map_err(|e| format!("{name}: {e}"))
+    };
+    let upstream_conf = read("upstream.conf")?;
+    let proxy_conf = read("nginx-proxy.conf")?;
+
+    let upstream = Nginx::start_with(dir.path(), None, "/", |listen, d| {
+        render(&upstream_conf, &[("listen", listen), ("dir", &d.display().to_string())])
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let upstream_addr = format!("127.0.0.1:{}", upstream.port());
+    let nginx = Nginx::start_with(dir.path(), None, "/ready", |listen, d| {
+        render(
+            &proxy_conf,
+            &[
+                ("listen", listen),
+                ("dir", &d.display().to_string()),
+                ("upstream", &upstream_addr),
+            ],
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+
+    let mut config = GatewayConfig::new(None);
+    config.resolver.env = EnvSource::Fixed(
+        [("BENCH_URL".to_string(), format!("http://{upstream_addr}"))].into(),
+    );
+    // The gateway gets its own runtime with as many worker threads as nginx has worker
+    // processes here (one), so both proxies get the same share of the machine.
+    let workers = env_or("BENCH_GATEWAY_WORKERS", 1) as usize;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .enable_all()
+            .build();
+        let Ok(rt) = rt else { return };
+        rt.block_on(async move {
+            let listen = "127.0.0.1:0".parse().expect("literal address");
+            let started = gateway::spawn(listen, config).await;
+            let url = started.as_ref().map(|g| g.url()).map_err(|e| e.to_string());
+            let _ = tx.send(url);
+            let _keep = started;
+            std::future::pending::<()>().await;
+        });
+    });
+    let gw_url = rx.await.map_err(|e| e.to_string())??;
+
+    let targets = [
+        ("nginx proxy_pass", format!("{}/hello", nginx.url())),
+        ("rollcall gateway", format!("{gw_url}/v2/bench/hello")),
+    ];
+    println!(
+        "gateway benchmark: wrk -t1 -c{connections} -d{seconds}s, {rounds} rounds, {} cores, \
+         gateway worker threads: {workers}, nginx worker processes: 1",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for (_, url) in &targets {
+        wrk(url, 2, connections)?; // warm-up: pools, caches
+    }
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, (_, url)) in targets.iter().enumerate() {
+            samples[i].push(wrk(url, seconds, connections)?);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let summary: Vec<(f64, f64, f64)> = samples
+        .iter()
+        .map(|s| {
+            (
+                median(s.iter().map(|x| x.rps).collect()),
+                median(s.iter().map(|x| x.p50_ms).collect()),
+                median(s.iter().map(|x| x.p99_ms).collect()),
+            )
+        })
+        .collect();
+    println!();
+    println!("| proxy | requests/s | p50 | p99 |");
+    println!("|---|---:|---:|---:|");
+    for ((name, _), (rps, p50, p99)) in targets.iter().zip(&summary) {
+        println!("| {name} | {rps:.0} | {p50:.3} ms | {p99:.3} ms |");
+    }
+    let (n, g) = (summary[0], summary[1]);
+    let throughput = g.0 / n.0;
+    let latency = g.1 / n.1;
+    println!();
+    println!(
+        "gateway/nginx: throughput {:.0} % (target >= 70 %: {}), p50 {:.2}x (target <= 1.3x: {})",
+        throughput * 100.0,
+        if throughput >= 0.7 { "met" } else { "MISSED" },
+        latency,
+        if latency <= 1.3 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
