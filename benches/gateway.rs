@@ -4,7 +4,8 @@
 //! Both proxies forward `GET /hello` to an nginx that answers "ok" itself; the gateway
 //! resolves the service from an env var (cached), so what is compared is the proxying.
 //! Targets: gateway p50 within 1.3x of nginx's, throughput at least 70 % of nginx's.
-//! Knobs: BENCH_SECONDS (default 8), BENCH_CONNECTIONS (32), BENCH_ROUNDS (2),
+//! Each proxy is measured saturated (BENCH_CONNECTIONS, 32) and lightly loaded
+//! (BENCH_LIGHT_CONNECTIONS, 4). Knobs: BENCH_SECONDS (default 8), BENCH_ROUNDS (2),
 //! BENCH_GATEWAY_WORKERS (1, like the single nginx worker it is compared with).
 
 use std::path::Path;
@@ -44,7 +45,13 @@ fn millis(text: &str) -> Option<f64> {
 
 fn wrk(url: &str, seconds: u64, connections: u64) -> Result<Sample, String> {
     let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", url])
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
         .output()
         .map_err(|e| format!("cannot run wrk (apt-get install wrk): {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -74,7 +81,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
-        println!("gateway benchmark: run it with `cargo bench --bench gateway` (or ./scripts/bench)");
+        println!(
+            "gateway benchmark: run it with `cargo bench --bench gateway` (or ./scripts/bench)"
+        );
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -100,7 +109,10 @@ async fn run() -> Result<(), String> {
     let proxy_conf = read("nginx-proxy.conf")?;
 
     let upstream = Nginx::start_with(dir.path(), None, "/", |listen, d| {
-        render(&upstream_conf, &[("listen", listen), ("dir", &d.display().to_string())])
+        render(
+            &upstream_conf,
+            &[("listen", listen), ("dir", &d.display().to_string())],
+        )
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -119,75 +131,72 @@ async fn run() -> Result<(), String> {
     .map_err(|e| e.to_string())?;
 
     let mut config = GatewayConfig::new(None);
-    config.resolver.env = EnvSource::Fixed(
-        [("BENCH_URL".to_string(), format!("http://{upstream_addr}"))].into(),
-    );
-    // The gateway gets its own runtime with as many worker threads as nginx has worker
-    // processes here (one), so both proxies get the same share of the machine.
+    config.resolver.env =
+        EnvSource::Fixed([("BENCH_URL".to_string(), format!("http://{upstream_addr}"))].into());
+    // The gateway runs as `rollcall gateway` does (one single-threaded event loop per
+    // worker), with as many workers as nginx has worker processes here: one.
     let workers = env_or("BENCH_GATEWAY_WORKERS", 1) as usize;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers.max(1))
-            .enable_all()
-            .build();
-        let Ok(rt) = rt else { return };
-        rt.block_on(async move {
-            let listen = "127.0.0.1:0".parse().expect("literal address");
-            let started = gateway::spawn(listen, config).await;
-            let url = started.as_ref().map(|g| g.url()).map_err(|e| e.to_string());
-            let _ = tx.send(url);
-            let _keep = started;
-            std::future::pending::<()>().await;
-        });
-    });
-    let gw_url = rx.await.map_err(|e| e.to_string())??;
-
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let listen = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+    let (gw_addr, _threads) =
+        gateway::start_workers(listen, config, workers, stopped).map_err(|e| e.to_string())?;
+    let gw_url = format!("http://{gw_addr}");
     let targets = [
         ("nginx proxy_pass", format!("{}/hello", nginx.url())),
         ("rollcall gateway", format!("{gw_url}/v2/bench/hello")),
     ];
     println!(
-        "gateway benchmark: wrk -t1 -c{connections} -d{seconds}s, {rounds} rounds, {} cores, \
-         gateway worker threads: {workers}, nginx worker processes: 1",
+        "gateway benchmark: wrk -t1 -d{seconds}s, {rounds} rounds, {} cores, gateway worker \
+         threads: {workers}, nginx worker processes: 1",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for (_, url) in &targets {
         wrk(url, 2, connections)?; // warm-up: pools, caches
     }
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        for (i, (_, url)) in targets.iter().enumerate() {
-            samples[i].push(wrk(url, seconds, connections)?);
-            tokio::time::sleep(Duration::from_millis(500)).await;
+    // Saturated (many connections): throughput, and latency dominated by queueing.
+    // Light (few connections): latency of one request through each proxy.
+    let light = env_or("BENCH_LIGHT_CONNECTIONS", 4);
+    let mut table = Vec::new();
+    for conns in [connections, light] {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(), Vec::new()];
+        for _ in 0..rounds {
+            for (i, (_, url)) in targets.iter().enumerate() {
+                samples[i].push(wrk(url, seconds, conns)?);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        let summary: Vec<(f64, f64, f64)> = samples
+            .iter()
+            .map(|s| {
+                (
+                    median(s.iter().map(|x| x.rps).collect()),
+                    median(s.iter().map(|x| x.p50_ms).collect()),
+                    median(s.iter().map(|x| x.p99_ms).collect()),
+                )
+            })
+            .collect();
+        table.push((conns, summary));
+    }
+    println!();
+    println!("| proxy | connections | requests/s | p50 | p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    for (conns, summary) in &table {
+        for ((name, _), (rps, p50, p99)) in targets.iter().zip(summary) {
+            println!("| {name} | {conns} | {rps:.0} | {p50:.3} ms | {p99:.3} ms |");
         }
     }
-    let summary: Vec<(f64, f64, f64)> = samples
-        .iter()
-        .map(|s| {
-            (
-                median(s.iter().map(|x| x.rps).collect()),
-                median(s.iter().map(|x| x.p50_ms).collect()),
-                median(s.iter().map(|x| x.p99_ms).collect()),
-            )
-        })
-        .collect();
     println!();
-    println!("| proxy | requests/s | p50 | p99 |");
-    println!("|---|---:|---:|---:|");
-    for ((name, _), (rps, p50, p99)) in targets.iter().zip(&summary) {
-        println!("| {name} | {rps:.0} | {p50:.3} ms | {p99:.3} ms |");
+    for (conns, summary) in &table {
+        let (n, g) = (summary[0], summary[1]);
+        let throughput = g.0 / n.0;
+        let latency = g.1 / n.1;
+        println!(
+            "{conns} connections, gateway/nginx: throughput {:.0} % (target >= 70 %: {}), p50 {:.2}x (target <= 1.3x: {})",
+            throughput * 100.0,
+            if throughput >= 0.7 { "met" } else { "MISSED" },
+            latency,
+            if latency <= 1.3 { "met" } else { "MISSED" }
+        );
     }
-    let (n, g) = (summary[0], summary[1]);
-    let throughput = g.0 / n.0;
-    let latency = g.1 / n.1;
-    println!();
-    println!(
-        "gateway/nginx: throughput {:.0} % (target >= 70 %: {}), p50 {:.2}x (target <= 1.3x: {})",
-        throughput * 100.0,
-        if throughput >= 0.7 { "met" } else { "MISSED" },
-        latency,
-        if latency <= 1.3 { "met" } else { "MISSED" }
-    );
     Ok(())
 }

@@ -117,6 +117,10 @@ pub struct GatewayArgs {
     /// How long an ejected instance is skipped.
     #[arg(long, env = "ROLLCALL_GATEWAY_EJECT_FOR", default_value = "10s", value_parser = humantime::parse_duration)]
     pub eject_for: Duration,
+
+    /// Event-loop threads, each with its own socket on --listen (default: one per core).
+    #[arg(long, env = "ROLLCALL_GATEWAY_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 impl GatewayArgs {

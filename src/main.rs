@@ -33,13 +33,27 @@ async fn main() -> ExitCode {
 }
 
 async fn gateway(args: rollcall::cli::GatewayArgs) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    tracing::info!(listen = %args.listen, registry = %args.registry_url, "rollcall gateway ready");
-    rollcall::gateway::run(listener, args.config(), server::shutdown_signal())
-        .await
-        .map_err(|e| format!("serving: {e}"))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    tracing::info!(listen = %args.listen, registry = %args.registry_url, workers, "rollcall gateway starting");
+    let mut serving = tokio::spawn(rollcall::gateway::run_workers(
+        args.listen,
+        args.config(),
+        workers,
+        stopped,
+    ));
+    let result = tokio::select! {
+        () = server::shutdown_signal() => {
+            let _ = stop.send(true);
+            (&mut serving).await
+        }
+        ended = &mut serving => ended,
+    };
+    result
+        .map_err(|e| format!("serving: {e}"))?
+        .map_err(|e| format!("cannot serve on {}: {e}", args.listen))?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -222,3 +222,35 @@ async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
         "the state file is removed"
     );
 }
+
+#[tokio::test]
+async fn gateway_runs_its_workers_and_stops_cleanly_on_sigterm() {
+    let port = free_port();
+    let registry = free_port();
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["gateway", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--registry-url", &format!("http://127.0.0.1:{registry}")])
+            .args(["--workers", "2"])
+            .env("ENVONLY_URL", format!("http://127.0.0.1:{registry}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start"),
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(wait_healthy(&http, &format!("{base}/gateway/status")).await);
+    // Nothing listens on the registry port: the env var names the service, and its instance
+    // refuses the connection, which the gateway reports as an upstream error.
+    let resp = http
+        .get(format!("{base}/v2/envonly/x"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 502);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["error"], "upstream_connect");
+    assert_eq!(body["source"], "upstream");
+    assert_eq!(sigterm_and_wait(&mut child), Some(0));
+}

@@ -1,9 +1,11 @@
 //! Which instance gets a request: healthy (`ok`) instances before `degraded` ones, instances
 //! that keep refusing connections skipped for a while (passive outlier ejection), and among
 //! the rest the less loaded of two picked at random (power of two choices), judged by the
-//! load the instance reports in its heartbeats and then by the gateway's own in-flight count.
+//! `load` and then the `p95_ms` the instance reports in its heartbeats, and then by the
+//! gateway's own in-flight count.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,29 +21,28 @@ pub struct EjectionConfig {
     pub for_duration: Duration,
 }
 
-#[derive(Default)]
-struct Health {
-    consecutive_failures: u32,
-    ejected_until: Option<Instant>,
-    in_flight: usize,
+/// What the gateway knows of one instance (by URL), shared by every resolution that names
+/// it. Atomics, so that the request path takes no lock.
+#[derive(Debug, Default)]
+pub struct UpstreamState {
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since the balancer's epoch; 0 = not ejected.
+    ejected_until_ms: AtomicU64,
 }
 
 pub struct Balancer {
     config: EjectionConfig,
-    health: Mutex<HashMap<String, Health>>,
+    epoch: Instant,
+    states: Mutex<HashMap<String, Arc<UpstreamState>>>,
 }
 
 /// Counts a request as in flight on its instance until dropped.
-pub struct InFlight {
-    balancer: Arc<Balancer>,
-    url: String,
-}
+pub struct InFlight(Arc<UpstreamState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(h) = self.balancer.lock().get_mut(&self.url) {
-            h.in_flight = h.in_flight.saturating_sub(1);
-        }
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -49,47 +50,58 @@ impl Balancer {
     pub fn new(config: EjectionConfig) -> Arc<Self> {
         Arc::new(Balancer {
             config,
-            health: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            states: Mutex::new(HashMap::new()),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Health>> {
-        self.health
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<UpstreamState>>> {
+        self.states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The shared state of the instance at `url`; called once per resolution, not per request.
+    pub fn state(&self, url: &str) -> Arc<UpstreamState> {
+        self.lock().entry(url.to_string()).or_default().clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn is_ejected(&self, state: &UpstreamState, now_ms: u64) -> bool {
+        state.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
     /// Picks an instance, never one in `exclude`; `None` when nothing is left.
-    pub fn pick(&self, upstreams: &[Upstream], exclude: &[String]) -> Option<Upstream> {
-        let now = Instant::now();
-        let health = self.lock();
-        let ejected = |u: &Upstream| {
-            health
-                .get(&u.url)
-                .and_then(|h| h.ejected_until)
-                .is_some_and(|t| t > now)
-        };
-        let allowed: Vec<&Upstream> = upstreams
+    pub fn pick<'a>(&self, upstreams: &'a [Upstream], exclude: &[String]) -> Option<&'a Upstream> {
+        let now = self.now_ms();
+        let allowed = |u: &&Upstream| !exclude.contains(&u.url);
+        let live = |u: &&Upstream| !self.is_ejected(&u.state, now);
+        let any_live = upstreams.iter().filter(allowed).any(|u| live(&u));
+        let any_healthy = upstreams
             .iter()
-            .filter(|u| !exclude.contains(&u.url))
+            .filter(allowed)
+            .filter(|u| !any_live || live(u))
+            .any(|u| u.healthy);
+        // Everything ejected: trying one beats refusing outright.
+        let pool: Vec<&Upstream> = upstreams
+            .iter()
+            .filter(allowed)
+            .filter(|u| !any_live || live(u))
+            .filter(|u| !any_healthy || u.healthy)
             .collect();
-        let mut pool: Vec<&Upstream> = allowed.iter().copied().filter(|u| !ejected(u)).collect();
-        if pool.is_empty() {
-            // Everything is ejected: trying one beats refusing outright.
-            pool = allowed;
-        }
-        if pool.iter().any(|u| u.healthy) {
-            pool.retain(|u| u.healthy);
-        }
         let score = |u: &Upstream| {
             (
                 u.load.unwrap_or(0.0),
-                health.get(&u.url).map_or(0, |h| h.in_flight),
+                u.p95_ms.unwrap_or(0.0),
+                u.state.in_flight.load(Ordering::Relaxed),
             )
         };
         match pool.len() {
             0 => None,
-            1 => Some(pool[0].clone()),
+            1 => Some(pool[0]),
             n => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
@@ -97,39 +109,45 @@ impl Balancer {
                     b += 1;
                 }
                 let (sa, sb) = (score(pool[a]), score(pool[b]));
-                let better = if sb.0 < sa.0 || (sb.0 == sa.0 && sb.1 < sa.1) {
-                    b
-                } else {
-                    a
-                };
-                Some(pool[better].clone())
+                let b_wins =
+                    sb.0.total_cmp(&sa.0)
+                        .then(sb.1.total_cmp(&sa.1))
+                        .then(sb.2.cmp(&sa.2))
+                        .is_lt();
+                let better = if b_wins { b } else { a };
+                Some(pool[better])
             }
         }
     }
 
-    pub fn start(self: &Arc<Self>, url: &str) -> InFlight {
-        self.lock().entry(url.to_string()).or_default().in_flight += 1;
-        InFlight {
-            balancer: self.clone(),
-            url: url.to_string(),
-        }
+    pub fn start(&self, upstream: &Upstream) -> InFlight {
+        upstream.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(upstream.state.clone())
     }
 
-    pub fn connected(&self, url: &str) {
-        if let Some(h) = self.lock().get_mut(url) {
-            h.consecutive_failures = 0;
-            h.ejected_until = None;
-        }
+    pub fn connected(&self, upstream: &Upstream) {
+        upstream
+            .state
+            .consecutive_failures
+            .store(0, Ordering::Relaxed);
+        upstream.state.ejected_until_ms.store(0, Ordering::Relaxed);
     }
 
     /// A connect failure; answers whether the instance is now ejected.
-    pub fn connect_failed(&self, url: &str) -> bool {
-        let mut health = self.lock();
-        let h = health.entry(url.to_string()).or_default();
-        h.consecutive_failures += 1;
-        if h.consecutive_failures >= self.config.after_failures {
-            h.ejected_until = Some(Instant::now() + self.config.for_duration);
-            tracing::warn!(upstream = url, "ejected after repeated connect failures");
+    pub fn connect_failed(&self, upstream: &Upstream) -> bool {
+        let failures = upstream
+            .state
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if failures >= self.config.after_failures {
+            let until = self.now_ms()
+                + u64::try_from(self.config.for_duration.as_millis()).unwrap_or(u64::MAX / 2);
+            upstream
+                .state
+                .ejected_until_ms
+                .store(until, Ordering::Relaxed);
+            tracing::warn!(upstream = %upstream.url, "ejected after repeated connect failures");
             return true;
         }
         false
@@ -137,11 +155,11 @@ impl Balancer {
 
     /// Instances ejected right now.
     pub fn ejected(&self) -> Vec<String> {
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut out: Vec<String> = self
             .lock()
             .iter()
-            .filter(|(_, h)| h.ejected_until.is_some_and(|t| t > now))
+            .filter(|(_, s)| self.is_ejected(s, now))
             .map(|(u, _)| u.clone())
             .collect();
         out.sort();
@@ -153,13 +171,14 @@ impl Balancer {
 mod tests {
     use super::*;
 
-    fn up(url: &str, healthy: bool, load: Option<f64>) -> Upstream {
+    fn up(b: &Balancer, url: &str, healthy: bool, load: Option<f64>) -> Upstream {
         Upstream {
             url: url.into(),
             instance_id: url.into(),
             healthy,
             load,
             p95_ms: None,
+            state: b.state(url),
         }
     }
 
@@ -173,34 +192,40 @@ mod tests {
     #[test]
     fn healthy_instances_come_before_degraded_ones() {
         let b = balancer();
-        let ups = [up("a", false, None), up("b", true, None)];
+        let ups = [up(&b, "a", false, None), up(&b, "b", true, None)];
         for _ in 0..50 {
-            assert_eq!(b.pick(&ups, &[]).map(|u| u.url), Some("b".into()));
+            assert_eq!(b.pick(&ups, &[]).map(|u| u.url.as_str()), Some("b"));
         }
     }
 
     #[test]
     fn of_two_the_less_loaded_wins() {
         let b = balancer();
-        let ups = [up("busy", true, Some(0.9)), up("idle", true, Some(0.1))];
+        let ups = [
+            up(&b, "busy", true, Some(0.9)),
+            up(&b, "idle", true, Some(0.1)),
+        ];
         for _ in 0..50 {
-            assert_eq!(b.pick(&ups, &[]).map(|u| u.url), Some("idle".into()));
+            assert_eq!(b.pick(&ups, &[]).map(|u| u.url.as_str()), Some("idle"));
         }
     }
 
     #[test]
     fn excluded_and_ejected_instances_are_skipped() {
         let b = balancer();
-        let ups = [up("a", true, None), up("b", true, None)];
-        assert_eq!(b.pick(&ups, &["a".into()]).map(|u| u.url), Some("b".into()));
-        assert!(!b.connect_failed("a"));
-        assert!(b.connect_failed("a"));
+        let ups = [up(&b, "a", true, None), up(&b, "b", true, None)];
+        assert_eq!(
+            b.pick(&ups, &["a".into()]).map(|u| u.url.as_str()),
+            Some("b")
+        );
+        assert!(!b.connect_failed(&ups[0]));
+        assert!(b.connect_failed(&ups[0]));
         assert_eq!(b.ejected(), vec!["a".to_string()]);
         for _ in 0..50 {
-            assert_eq!(b.pick(&ups, &[]).map(|u| u.url), Some("b".into()));
+            assert_eq!(b.pick(&ups, &[]).map(|u| u.url.as_str()), Some("b"));
         }
-        b.connected("a");
+        b.connected(&ups[0]);
         assert!(b.ejected().is_empty());
-        assert_eq!(b.pick(&ups, &["a".into(), "b".into()]), None);
+        assert!(b.pick(&ups, &["a".into(), "b".into()]).is_none());
     }
 }

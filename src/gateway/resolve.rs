@@ -3,15 +3,20 @@
 //! registry is unreachable (stale-if-error) → the `<SERVICE>_URL` environment variable → none.
 //!
 //! Concurrent misses for one service wait for a single registry call instead of stampeding it.
+//! The cache is a plain read-locked map rather than moka: a hit is on every proxied request,
+//! and moka's per-read bookkeeping showed in the benchmark; entries age out by their own
+//! timestamps and the map is pruned when it grows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::sync::Cache;
+use std::sync::{Mutex as StdMutex, RwLock};
+
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::balance::{Balancer, UpstreamState};
 use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
 
 /// Where a resolution came from; also the `source` label of the resolution metric.
@@ -37,7 +42,7 @@ impl Source {
 }
 
 /// One instance the gateway may send a request to.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Upstream {
     /// The registered endpoint (may carry a path prefix).
     pub url: String,
@@ -45,6 +50,8 @@ pub struct Upstream {
     pub healthy: bool,
     pub load: Option<f64>,
     pub p95_ms: Option<f64>,
+    /// The balancer's in-flight and ejection state for this URL.
+    pub state: Arc<UpstreamState>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,10 +111,14 @@ enum Miss {
 pub struct Resolver {
     config: ResolverConfig,
     http: reqwest::Client,
-    cache: Cache<String, Arc<Entry>>,
-    locks: Cache<String, Arc<Mutex<()>>>,
+    cache: RwLock<HashMap<String, Arc<Entry>>>,
+    locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
     breaker: Arc<Breaker>,
+    balancer: Arc<Balancer>,
 }
+
+/// Beyond this many cached services, entries too old to serve are dropped.
+const PRUNE_ABOVE: usize = 10_000;
 
 /// What `/gateway/status` shows of one cached service.
 #[derive(Debug, Clone)]
@@ -120,6 +131,7 @@ pub struct CachedService {
 impl Resolver {
     pub fn new(
         config: ResolverConfig,
+        balancer: Arc<Balancer>,
         on_transition: impl Fn(BreakerState) + Send + Sync + 'static,
     ) -> Result<Self, String> {
         let http = reqwest::Client::builder()
@@ -127,15 +139,28 @@ impl Resolver {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Resolver {
-            cache: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(config.stale_for.max(config.cache_ttl))
-                .build(),
-            locks: Cache::builder().max_capacity(10_000).build(),
+            cache: RwLock::new(HashMap::new()),
+            locks: StdMutex::new(HashMap::new()),
             breaker: Breaker::new(config.breaker, on_transition),
+            balancer,
             http,
             config,
         })
+    }
+
+    fn entry(&self, service: &str) -> Option<Arc<Entry>> {
+        self.cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+            .cloned()
+    }
+
+    fn forget(&self, service: &str) {
+        self.cache
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(service);
     }
 
     pub fn breaker(&self) -> BreakerSnapshot {
@@ -151,11 +176,16 @@ impl Resolver {
     }
 
     pub fn cached(&self) -> Vec<CachedService> {
-        let mut out: Vec<CachedService> = self
+        let keep = self.config.stale_for.max(self.config.cache_ttl);
+        let cache = self
             .cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<CachedService> = cache
             .iter()
+            .filter(|(_, e)| e.fetched_at.elapsed() < keep)
             .map(|(k, e)| CachedService {
-                service: (*k).clone(),
+                service: k.clone(),
                 age: e.fetched_at.elapsed(),
                 instances: e.upstreams.len(),
             })
@@ -167,8 +197,7 @@ impl Resolver {
     /// A cached answer younger than `cache_ttl`: `Cache` for registry answers, `Env` for
     /// env-var answers (so the metric still says the service is not in the registry).
     fn fresh(&self, service: &str) -> Option<Resolution> {
-        self.cache
-            .get(service)
+        self.entry(service)
             .filter(|e| e.fetched_at.elapsed() < self.config.cache_ttl)
             .map(|e| Resolution {
                 upstreams: e.upstreams.clone(),
@@ -181,7 +210,15 @@ impl Resolver {
     }
 
     fn remember(&self, service: &str, upstreams: Arc<Vec<Upstream>>, origin: Source) {
-        self.cache.insert(
+        let keep = self.config.stale_for.max(self.config.cache_ttl);
+        let mut cache = self
+            .cache
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= PRUNE_ABOVE {
+            cache.retain(|_, e| e.fetched_at.elapsed() < keep);
+        }
+        cache.insert(
             service.to_string(),
             Arc::new(Entry {
                 upstreams,
@@ -198,7 +235,11 @@ impl Resolver {
         }
         let lock = self
             .locks
-            .get_with(service.to_string(), || Arc::new(Mutex::new(())));
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(service.to_string())
+            .or_default()
+            .clone();
         let _single_flight = lock.lock().await;
         if let Some(hit) = self.fresh(service) {
             return Ok(hit);
@@ -214,12 +255,12 @@ impl Resolver {
                 });
             }
             Err(Miss::Unknown) => {
-                self.cache.invalidate(service);
+                self.forget(service);
                 tried.push("registry (no live instance)".into());
             }
             Err(Miss::Unreachable(why)) => {
                 tried.push(format!("registry ({why})"));
-                if let Some(entry) = self.cache.get(service).filter(|e| {
+                if let Some(entry) = self.entry(service).filter(|e| {
                     e.origin == Source::Registry && e.fetched_at.elapsed() < self.config.stale_for
                 }) {
                     return Ok(Resolution {
@@ -234,6 +275,7 @@ impl Resolver {
         match self.config.env.get(&var) {
             Some(url) => {
                 let upstreams = Arc::new(vec![Upstream {
+                    state: self.balancer.state(&url),
                     url,
                     instance_id: format!("env:{var}"),
                     healthy: true,
@@ -303,8 +345,10 @@ impl Resolver {
             .map(|list| {
                 list.iter()
                     .filter_map(|i| {
+                        let url = i["endpoint"].as_str()?;
                         Some(Upstream {
-                            url: i["endpoint"].as_str()?.to_string(),
+                            state: self.balancer.state(url),
+                            url: url.to_string(),
                             instance_id: i["instance_id"].as_str().unwrap_or_default().to_string(),
                             healthy: i["status"].as_str() != Some("degraded"),
                             load: i["load"].as_f64(),
