@@ -142,3 +142,24 @@ pub fn from_millis_since_epoch(ms: u64) -> SystemTime {
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
+
+#[cfg(test)]
+impl Registration {
+    /// A plain registration for unit tests: endpoint `http://<instance_id>`.
+    pub(crate) fn sample(service_name: &str, instance_id: &str, ttl: Duration) -> Self {
+        Registration {
+            service_name: service_name.into(),
+            instance_id: instance_id.into(),
+            role: "production".into(),
+            ttl,
+            descriptor: Descriptor {
+                endpoint: format!("http://{instance_id}"),
+                health_endpoint: "/health".into(),
+                metadata: Default::default(),
+                kind: "service".into(),
+                caps: vec![],
+                labels: Default::default(),
+            },
+        }
+    }
+}

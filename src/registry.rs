@@ -438,7 +438,6 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::model::Descriptor;
     use crate::store::MemoryStore;
 
     /// The memory store, with a switch that makes every call fail as if Redis were down.
@@ -502,20 +501,7 @@ mod tests {
     }
 
     fn registration(name: &str, id: &str) -> Registration {
-        Registration {
-            service_name: name.into(),
-            instance_id: id.into(),
-            role: "production".into(),
-            ttl: Duration::from_secs(60),
-            descriptor: Descriptor {
-                endpoint: format!("http://{id}"),
-                health_endpoint: "/health".into(),
-                metadata: Default::default(),
-                kind: "service".into(),
-                caps: vec![],
-                labels: Default::default(),
-            },
-        }
+        Registration::sample(name, id, Duration::from_secs(60))
     }
 
     fn registry(stale_max_age: Duration) -> (Arc<Registry>, Arc<Flaky>) {

@@ -190,23 +190,9 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Descriptor;
 
     fn registration(name: &str, id: &str, ttl_s: u64) -> Registration {
-        Registration {
-            service_name: name.into(),
-            instance_id: id.into(),
-            role: "production".into(),
-            ttl: Duration::from_secs(ttl_s),
-            descriptor: Descriptor {
-                endpoint: format!("http://{id}"),
-                health_endpoint: "/health".into(),
-                metadata: Default::default(),
-                kind: "service".into(),
-                caps: vec![],
-                labels: Default::default(),
-            },
-        }
+        Registration::sample(name, id, Duration::from_secs(ttl_s))
     }
 
     fn one(name: &str, id: &str) -> Target {
