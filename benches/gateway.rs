@@ -15,6 +15,10 @@ use std::time::Duration;
 use rollcall::gateway::{self, EnvSource, GatewayConfig};
 use rollcall::launch::{Nginx, render};
 
+// The same allocator as the `rollcall` binary, so the gateway is measured as it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Sample {
     rps: f64,
     p50_ms: f64,

@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+// The gateway allocates a little for every proxied request (headers, URIs, futures); mimalloc
+// serves that measurably faster than glibc's allocator (see the README's benchmark).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use rollcall::cli::{Cli, Command};
 use rollcall::server::{self, StoreConfig};

@@ -24,6 +24,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -211,7 +212,7 @@ pub fn start_workers(
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener)?;
+                    let listener = TcpListener::from_std(listener)?.tap_io(no_delay);
                     axum::serve(
                         listener,
                         router(gateway).into_make_service_with_connect_info::<SocketAddr>(),
@@ -225,6 +226,13 @@ pub fn start_workers(
         threads.push(thread);
     }
     Ok((addr, threads))
+}
+
+/// Small responses go out at once instead of waiting for the previous segment's ACK.
+fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -249,7 +257,7 @@ pub async fn run(
 ) -> io::Result<()> {
     let app = router(build(config)?);
     axum::serve(
-        listener,
+        listener.tap_io(no_delay),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
