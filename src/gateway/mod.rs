@@ -18,13 +18,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
+use std::convert::Infallible;
+
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -143,14 +146,66 @@ fn build(config: GatewayConfig) -> io::Result<Arc<Gateway>> {
     }))
 }
 
-fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/gateway/status", get(status))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
-        .fallback(route)
-        .with_state(gateway)
+/// Answers one request: the gateway's own endpoints, else `/v2/…` proxying.
+async fn handle(gw: Arc<Gateway>, peer: SocketAddr, req: Request) -> Response {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/gateway/status") => status(&gw).into_response(),
+        (&Method::GET, "/health") => health(&gw).into_response(),
+        (&Method::GET, "/metrics") => metrics_text(&gw).into_response(),
+        _ => route(&gw, peer, req).await,
+    }
 }
+
+/// Serves HTTP/1.1 connections from `listener` until `shutdown` resolves, then lets open
+/// exchanges finish (for up to `DRAIN`). hyper's connection builder is used directly rather
+/// than `axum::serve`: the gateway needs no router or HTTP/2 sniffing, and every microsecond
+/// per request shows next to nginx.
+async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        no_delay(&stream);
+        let gw = gw.clone();
+        let service = service_fn(move |req: hyper::Request<Incoming>| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(handle(gw, peer, req.map(Body::new)).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::warn!("open connections did not finish within {DRAIN:?}; closing them");
+    }
+    Ok(())
+}
+
+/// How long a stopping gateway waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(10);
 
 /// Serves the gateway the way nginx runs its workers: `workers` threads, each a single-threaded
 /// event loop with its own listening socket on the same address (SO_REUSEPORT) and its own
@@ -212,12 +267,8 @@ pub fn start_workers(
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let listener = TcpListener::from_std(listener)?.tap_io(no_delay);
-                    axum::serve(
-                        listener,
-                        router(gateway).into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    serve(listener, gateway, async move {
                         let _ = stop.wait_for(|stopped| *stopped).await;
                     })
                     .await
@@ -229,7 +280,7 @@ pub fn start_workers(
 }
 
 /// Small responses go out at once instead of waiting for the previous segment's ACK.
-fn no_delay(stream: &mut tokio::net::TcpStream) {
+fn no_delay(stream: &tokio::net::TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
@@ -255,13 +306,7 @@ pub async fn run(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let app = router(build(config)?);
-    axum::serve(
-        listener.tap_io(no_delay),
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve(listener, build(config)?, shutdown).await
 }
 
 /// An in-process gateway (tests, benchmarks); dropping the handle stops it.
@@ -322,7 +367,7 @@ fn request_id(req: &Request) -> String {
         .map_or_else(|| format!("{:016x}", fastrand::u64(..)), String::from)
 }
 
-async fn route(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+async fn route(gw: &Arc<Gateway>, peer: SocketAddr, req: Request) -> Response {
     let raw = req
         .uri()
         .path_and_query()
@@ -340,7 +385,7 @@ async fn route(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         ),
         Some((service, rest)) => {
             let service = service.to_string();
-            match forward(&gw, &service, &rest, req).await {
+            match forward(gw, &service, &rest, peer, req).await {
                 Ok(resp) => (service, resp),
                 Err((resolved, e)) => {
                     gw.metrics.errors.with_label_values(&[e.kind()]).inc();
@@ -367,6 +412,7 @@ async fn forward(
     gw: &Arc<Gateway>,
     service: &str,
     rest: &str,
+    peer: SocketAddr,
     req: Request,
 ) -> Result<Response, (bool, GatewayError)> {
     service_name_rule("service", service)
@@ -400,10 +446,7 @@ async fn forward(
         .with_label_values(&[resolution.source.as_str()])
         .inc();
 
-    let client_ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let client_ip = Some(peer.ip());
     let id = request_id(&req);
     let (parts, body) = req.into_parts();
     let slot = BodySlot::new(body, gw.config.max_body_bytes, gw.config.body_idle_timeout);
@@ -516,7 +559,7 @@ fn annotate(resp: &mut Response<Body>, upstream: &Upstream, source: Source, id: 
     }
 }
 
-async fn status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+fn status(gw: &Gateway) -> impl IntoResponse {
     let breaker = gw.resolver.breaker();
     let cached = gw.resolver.cached();
     axum::Json(json!({
@@ -544,7 +587,7 @@ async fn status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     }))
 }
 
-async fn health(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+fn health(gw: &Gateway) -> impl IntoResponse {
     let breaker = gw.resolver.breaker();
     let status = if breaker.state == BreakerState::Closed {
         "healthy"
@@ -561,7 +604,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     )
 }
 
-async fn metrics_text(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+fn metrics_text(gw: &Gateway) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
