@@ -280,6 +280,15 @@ pub struct DevArgs {
     #[arg(long, env = "ROLLCALL_DEV_GATEWAY_PORT", default_value_t = 8000)]
     pub gateway_port: u16,
 
+    /// Also run Prometheus (Debian's `prometheus` package) scraping every replica and the
+    /// gateway every 5 s, with rollcall's alert rules.
+    #[arg(long, env = "ROLLCALL_DEV_PROMETHEUS")]
+    pub prometheus: bool,
+
+    /// Port of that Prometheus.
+    #[arg(long, env = "ROLLCALL_DEV_PROMETHEUS_PORT", default_value_t = 9090)]
+    pub prometheus_port: u16,
+
     /// First of the other ports: Redis nodes on BASE..BASE+2, Sentinels on BASE+10..BASE+12,
     /// registry replicas on BASE+20..BASE+22.
     #[arg(long, env = "ROLLCALL_DEV_PORT_BASE", default_value_t = 17000)]

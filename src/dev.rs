@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::DevArgs;
-use crate::launch::{LaunchError, Ports, Topology, TopologySpec};
+use crate::launch::{LaunchError, Ports, Prometheus, Topology, TopologySpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -44,6 +44,29 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         "starting Redis master + 2 replicas, 3 Sentinels, 3 registry replicas, nginx, gateway ..."
     );
     let mut topology = Topology::start(spec).await?;
+    let mut prometheus = None;
+    if args.prometheus {
+        let registries: Vec<String> = topology
+            .registries
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port()))
+            .collect();
+        let gateways: Vec<String> = topology
+            .gateway
+            .iter()
+            .map(|g| format!("127.0.0.1:{}", g.port()))
+            .collect();
+        prometheus = Some(
+            Prometheus::start(
+                &dir,
+                Some(args.prometheus_port),
+                std::time::Duration::from_secs(5),
+                &registries,
+                &gateways,
+            )
+            .await?,
+        );
+    }
     let state_path = dir.join(STATE_FILE);
     write_state(&mut topology, &state_path)?;
 
@@ -64,6 +87,13 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         topology.sentinel_addrs().join(","),
         crate::launch::MASTER_NAME
     );
+    if let Some(p) = &prometheus {
+        println!(
+            "  prometheus           {}  (alerts: {}/alerts)",
+            p.url(),
+            p.url()
+        );
+    }
     println!("  state file           {}", state_path.display());
     println!("Try: curl {}/health", topology.lb_url());
     println!(
@@ -85,6 +115,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         }
     }
     println!("stopping ...");
+    if let Some(p) = &mut prometheus {
+        p.process().terminate(std::time::Duration::from_secs(5));
+    }
     topology.stop();
     let _ = std::fs::remove_file(&state_path);
     let _ = std::fs::remove_file(state_path.with_file_name(STATE_ENV));

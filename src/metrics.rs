@@ -6,8 +6,8 @@
 //! request data, so the series count stays bounded whatever clients send.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct RegistryMetrics {
@@ -18,7 +18,12 @@ pub struct RegistryMetrics {
     pub breaker_open: IntGauge,
     pub breaker_transitions: IntCounterVec,
     pub stale_reads: IntCounter,
+    pub cache_misses: IntCounter,
     pub cache_entries: IntGauge,
+    pub store_duration: HistogramVec,
+    pub store_errors: IntCounterVec,
+    pub instances: IntGaugeVec,
+    pub failovers: IntCounter,
 }
 
 /// Registry operations, one per API route that reads or changes entries.
@@ -78,6 +83,43 @@ impl RegistryMetrics {
             "registry_fallback_cache_entries",
             "Answers held in the fallback cache, as of the last scrape.",
         )?;
+        let cache_misses = IntCounter::new(
+            "registry_fallback_cache_misses_total",
+            "Reads that found the store unreachable and nothing cached to answer with.",
+        )?;
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_redis_command_duration_seconds",
+                "Time of one store call (a Lua script or PING, plus WAIT for changes), by call.",
+            )
+            .buckets(vec![
+                0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            &["call"],
+        )?;
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "registry_store_errors_total",
+                "Failed store calls by kind: unavailable, corrupt, not_replicated, failover_in_progress, circuit_open.",
+            ),
+            &["kind"],
+        )?;
+        let instances = IntGaugeVec::new(
+            Opts::new(
+                "registry_instances",
+                "Live instances by the status their heartbeats report, as of the last scrape.",
+            ),
+            &["status"],
+        )?;
+        let failovers = IntCounter::new(
+            "registry_redis_failovers_total",
+            "Times this replica found the Redis master at a new address (a failover).",
+        )?;
+        registry.register(Box::new(cache_misses.clone()))?;
+        registry.register(Box::new(store_duration.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(instances.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(breaker_open.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(stale_reads.clone()))?;
@@ -87,6 +129,18 @@ impl RegistryMetrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         // Pre-create the success series so dashboards show 0 instead of "no data" at start.
+        for kind in [
+            "unavailable",
+            "corrupt",
+            "not_replicated",
+            "failover_in_progress",
+            "circuit_open",
+        ] {
+            store_errors.with_label_values(&[kind]);
+        }
+        for status in ["ok", "degraded"] {
+            instances.with_label_values(&[status]);
+        }
         for state in ["open", "half_open", "closed"] {
             breaker_transitions.with_label_values(&[state]);
         }
@@ -102,7 +156,12 @@ impl RegistryMetrics {
             breaker_open,
             breaker_transitions,
             stale_reads,
+            cache_misses,
             cache_entries,
+            store_duration,
+            store_errors,
+            instances,
+            failovers,
         })
     }
 

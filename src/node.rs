@@ -1,7 +1,7 @@
 //! `rollcall node`: runs one piece of the topology in the foreground from the repository's own
 //! config files, for containers (docker-compose) where `rollcall dev` does not fit. The config
 //! is rendered exactly as `rollcall dev` renders it, then the process is replaced by
-//! `redis-server`, `redis-sentinel` or `nginx` so that signals reach it directly.
+//! `redis-server`, `redis-sentinel`, `nginx` or `prometheus` so that signals reach it directly.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::process::Command;
 
 use clap::{Args, Subcommand};
 
-use crate::launch::{nginx, redis, sentinel};
+use crate::launch::{nginx, prometheus, redis, sentinel};
 
 #[derive(Debug, Subcommand)]
 pub enum Node {
@@ -19,6 +19,24 @@ pub enum Node {
     Sentinel(SentinelNode),
     /// The nginx load balancer in front of the registry replicas.
     Nginx(NginxNode),
+    /// Prometheus scraping the registry replicas and gateways, with rollcall's alert rules.
+    Prometheus(PrometheusNode),
+}
+
+#[derive(Debug, Args)]
+pub struct PrometheusNode {
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub listen: String,
+    /// Registry replicas, host:port,host:port,...
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub registries: Vec<String>,
+    /// Gateways, host:port,...
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub gateways: Vec<String>,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub scrape_interval: std::time::Duration,
+    #[arg(long, default_value = "/prometheus")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +119,20 @@ pub fn run(node: Node) -> String {
                 .arg(conf);
             cmd
         }),
+        Node::Prometheus(n) => {
+            prometheus::write_config(&n.dir, n.scrape_interval, &n.registries, &n.gateways)
+                .map_err(|e| e.to_string())
+                .map(|conf| {
+                    let mut cmd = Command::new("prometheus");
+                    cmd.arg(format!("--config.file={}", conf.display()))
+                        .arg(format!(
+                            "--storage.tsdb.path={}",
+                            n.dir.join("data").display()
+                        ))
+                        .arg(format!("--web.listen-address={}", n.listen));
+                    cmd
+                })
+        }
     };
     match result {
         Ok(mut cmd) => {

@@ -162,24 +162,72 @@ impl Registry {
 
     async fn guarded<T>(
         &self,
+        name: &'static str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let permit = self
-            .breaker
-            .try_acquire()
-            .map_err(|r| StoreError::CircuitOpen {
-                retry_in: r.retry_in,
-            })?;
+        let permit = match self.breaker.try_acquire() {
+            Ok(p) => p,
+            Err(r) => {
+                let e = StoreError::CircuitOpen {
+                    retry_in: r.retry_in,
+                };
+                self.metrics
+                    .store_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                return Err(e);
+            }
+        };
+        let started = std::time::Instant::now();
         let result = call.await;
+        self.metrics
+            .store_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
         match &result {
-            Err(StoreError::Unavailable(_)) => permit.failed(),
-            _ => permit.succeeded(),
+            Err(e) => {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                if matches!(e, StoreError::Unavailable(_)) {
+                    permit.failed();
+                } else {
+                    permit.succeeded();
+                }
+            }
+            Ok(_) => permit.succeeded(),
         }
         result
     }
 
+    /// Brings the scrape-time gauges up to date: instances by status, failovers seen.
+    pub async fn refresh_gauges(&self) {
+        if let Ok(all) = self.all_instances().await
+            && all.stale_age.is_none()
+        {
+            let degraded = all
+                .value
+                .iter()
+                .filter(|i| i.status == Status::Degraded)
+                .count();
+            let ok = all.value.len() - degraded;
+            for (status, n) in [("ok", ok), ("degraded", degraded)] {
+                self.metrics
+                    .instances
+                    .with_label_values(&[status])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        let seen = self.store.failovers();
+        let counted = self.metrics.failovers.get();
+        if seen > counted {
+            self.metrics.failovers.inc_by(seen - counted);
+        }
+    }
+
     pub async fn register(&self, reg: &Registration) -> Result<Registered, StoreError> {
-        let done = self.guarded(self.store.register(reg)).await?;
+        let done = self.guarded("register", self.store.register(reg)).await?;
         let now = SystemTime::now();
         let instance = Instance {
             service_name: reg.service_name.clone(),
@@ -216,11 +264,14 @@ impl Registry {
         target: &Target,
         report: &HeartbeatReport,
     ) -> Result<Refreshed, StoreError> {
-        self.guarded(self.store.heartbeat(target, report)).await
+        self.guarded("heartbeat", self.store.heartbeat(target, report))
+            .await
     }
 
     pub async fn deregister(&self, target: &Target) -> Result<usize, StoreError> {
-        let removed = self.guarded(self.store.deregister(target)).await?;
+        let removed = self
+            .guarded("deregister", self.store.deregister(target))
+            .await?;
         self.patch_instances(&target.service_name, |list| {
             list.retain(|i| !matches_target(i, target));
         });
@@ -243,7 +294,9 @@ impl Registry {
     }
 
     pub async fn promote(&self, target: &Target, role: &str) -> Result<usize, StoreError> {
-        let promoted = self.guarded(self.store.promote(target, role)).await?;
+        let promoted = self
+            .guarded("promote", self.store.promote(target, role))
+            .await?;
         self.patch_instances(&target.service_name, |list| {
             for i in list.iter_mut().filter(|i| matches_target(i, target)) {
                 i.role = role.to_string();
@@ -254,7 +307,10 @@ impl Registry {
 
     pub async fn instances(&self, service_name: &str) -> Result<Read<Vec<Instance>>, StoreError> {
         let key = Key::Service(service_name.to_string());
-        match self.guarded(self.store.instances(service_name)).await {
+        match self
+            .guarded("instances", self.store.instances(service_name))
+            .await
+        {
             Ok(list) => {
                 if list.is_empty() {
                     self.cache.invalidate(&key);
@@ -268,7 +324,10 @@ impl Registry {
     }
 
     pub async fn all_instances(&self) -> Result<Read<Vec<Instance>>, StoreError> {
-        match self.guarded(self.store.all_instances()).await {
+        match self
+            .guarded("all_instances", self.store.all_instances())
+            .await
+        {
             Ok(list) => {
                 self.put(Key::All, Value::Instances(list.clone()), Instant::now());
                 Ok(fresh(list))
@@ -278,7 +337,10 @@ impl Registry {
     }
 
     pub async fn service_names(&self) -> Result<Read<Vec<String>>, StoreError> {
-        match self.guarded(self.store.service_names()).await {
+        match self
+            .guarded("service_names", self.store.service_names())
+            .await
+        {
             Ok(names) => {
                 self.put(Key::Names, Value::Names(names.clone()), Instant::now());
                 Ok(fresh(names))
@@ -317,9 +379,15 @@ impl Registry {
             (Some(entry), _) => (entry, None),
             (None, Key::Service(name)) => match self.cache.get(&Key::All) {
                 Some(entry) => (entry, Some(name.as_str())),
-                None => return Err(e),
+                None => {
+                    self.metrics.cache_misses.inc();
+                    return Err(e);
+                }
             },
-            (None, _) => return Err(e),
+            (None, _) => {
+                self.metrics.cache_misses.inc();
+                return Err(e);
+            }
         };
         let Value::Instances(list) = &entry.value else {
             return Err(e);

@@ -59,6 +59,8 @@ fn compose_has_the_whole_topology_and_every_command_parses() {
         "registry2",
         "registry3",
         "lb",
+        "gateway",
+        "prometheus",
     ] {
         assert!(
             names.contains(expected),
@@ -111,6 +113,13 @@ fn compose_has_the_whole_topology_and_every_command_parses() {
                 "{name}: --registry-url {url} is not a service"
             );
         }
+        for key in ["--registries", "--gateways"] {
+            if let Some(list) = flag(&command, key) {
+                for addr in list.split(',') {
+                    assert!(host_exists(addr), "{name}: {key} {addr} is not a service");
+                }
+            }
+        }
         if let Some(list) = flag(&command, "--upstreams") {
             let ups: Vec<&str> = list.split(',').collect();
             assert_eq!(ups.len(), 3, "{name}: nginx balances three replicas");
@@ -129,7 +138,7 @@ fn compose_has_the_whole_topology_and_every_command_parses() {
 fn dockerfile_copies_what_the_binary_embeds() {
     let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
         .expect("Dockerfile");
-    for dir in ["src", "nginx", "redis-sentinel"] {
+    for dir in ["src", "nginx", "redis-sentinel", "prometheus"] {
         assert!(
             dockerfile.contains(&format!("COPY {dir} ./{dir}")),
             "the build stage must copy {dir}/ (include_str! reads it)"

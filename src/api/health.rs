@@ -87,6 +87,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             .active_services
             .set(i64::try_from(names.value.len()).unwrap_or(i64::MAX));
     }
+    state.registry.refresh_gauges().await;
     state
         .metrics
         .cache_entries

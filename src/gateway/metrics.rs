@@ -12,6 +12,8 @@ pub struct GatewayMetrics {
     pub upstream_duration: HistogramVec,
     pub errors: IntCounterVec,
     pub breaker_open: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_oldest_age: prometheus::Gauge,
 }
 
 impl GatewayMetrics {
@@ -56,11 +58,31 @@ impl GatewayMetrics {
         registry.register(Box::new(resolutions.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        let cache_entries = IntGauge::new(
+            "gateway_cache_entries",
+            "Services in the gateway's resolution cache, as of the last scrape.",
+        )?;
+        let cache_oldest_age = prometheus::Gauge::new(
+            "gateway_cache_oldest_age_seconds",
+            "Age of the oldest resolution in the cache, as of the last scrape: above the cache TTL, stale answers are being kept.",
+        )?;
         registry.register(Box::new(breaker_open.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(cache_oldest_age.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        for kind in [
+            "bad_request",
+            "payload_too_large",
+            "no_instance",
+            "upstream_connect",
+            "upstream_timeout",
+            "upstream_error",
+        ] {
+            errors.with_label_values(&[kind]);
+        }
         for source in ["cache", "registry", "stale", "env", "none"] {
             resolutions.with_label_values(&[source]);
         }
@@ -71,6 +93,8 @@ impl GatewayMetrics {
             upstream_duration,
             errors,
             breaker_open,
+            cache_entries,
+            cache_oldest_age,
         })
     }
 

@@ -26,11 +26,11 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -198,7 +198,10 @@ async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("open connections did not finish within {DRAIN:?}; closing them");
     }
     Ok(())
@@ -605,6 +608,16 @@ fn health(gw: &Gateway) -> impl IntoResponse {
 }
 
 fn metrics_text(gw: &Gateway) -> impl IntoResponse {
+    let cached = gw.resolver.cached();
+    gw.metrics
+        .cache_entries
+        .set(i64::try_from(cached.len()).unwrap_or(i64::MAX));
+    gw.metrics.cache_oldest_age.set(
+        cached
+            .iter()
+            .map(|c| c.age.as_secs_f64())
+            .fold(0.0, f64::max),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -9,6 +9,7 @@
 pub mod nginx;
 mod ports;
 mod process;
+pub mod prometheus;
 pub mod redis;
 mod registry;
 pub mod sentinel;
@@ -17,6 +18,7 @@ mod topology;
 pub use self::nginx::Nginx;
 pub use self::ports::free_port;
 pub use self::process::ManagedProcess;
+pub use self::prometheus::Prometheus;
 pub use self::redis::RedisServer;
 pub use self::registry::RegistryProcess;
 pub use self::sentinel::{MASTER_NAME, Sentinel};

@@ -73,6 +73,9 @@ pub struct MasterLink {
     next: AtomicUsize,
     /// Writes are refused until then: a failover is under way.
     fenced_until: StdMutex<Option<Instant>>,
+    /// The last master connected to, and how often that address changed.
+    last_master: StdMutex<Option<String>>,
+    failovers: AtomicU64,
 }
 
 /// How long a failover may fence writes when no end is announced (Sentinel's
@@ -89,6 +92,8 @@ impl MasterLink {
             generation: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             fenced_until: StdMutex::new(None),
+            last_master: StdMutex::new(None),
+            failovers: AtomicU64::new(0),
         });
         if let MasterSource::Sentinel { sentinels, master } = &link.config.source {
             for sentinel in sentinels {
@@ -101,6 +106,10 @@ impl MasterLink {
         }
         tokio::spawn(watch_replicas(Arc::downgrade(&link)));
         link
+    }
+
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::Relaxed)
     }
 
     /// Why writes are refused right now, if they are.
@@ -216,6 +225,14 @@ impl MasterLink {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(active.clone());
         tracing::info!(master = %addr, generation, "connected to Redis master");
+        let mut last = self
+            .last_master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.as_ref().is_some_and(|previous| *previous != addr) {
+            self.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+        *last = Some(addr);
         Ok(active)
     }
 

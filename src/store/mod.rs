@@ -41,6 +41,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The `kind` label of `registry_store_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::NotReplicated(_) => "not_replicated",
+            StoreError::FailoverInProgress { .. } => "failover_in_progress",
+            StoreError::CircuitOpen { .. } => "circuit_open",
+        }
+    }
+
     /// The store could not be reached at all (as opposed to answering something unexpected):
     /// the case in which cached answers may stand in.
     pub fn is_unreachable(&self) -> bool {
@@ -93,5 +104,10 @@ pub trait Store: Send + Sync + 'static {
     /// The address of the node serving the store now, where that can change (failover).
     fn master(&self) -> Option<String> {
         None
+    }
+
+    /// How many times the master was found at a new address since start.
+    fn failovers(&self) -> u64 {
+        0
     }
 }

@@ -274,6 +274,10 @@ impl Store for RedisStore {
     fn master(&self) -> Option<String> {
         self.link.master_addr()
     }
+
+    fn failovers(&self) -> u64 {
+        self.link.failovers()
+    }
 }
 
 fn parse_instance(flat: Vec<String>) -> Result<Instance, StoreError> {
