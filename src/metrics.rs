@@ -24,6 +24,7 @@ pub struct RegistryMetrics {
     pub store_errors: IntCounterVec,
     pub instances: IntGaugeVec,
     pub failovers: IntCounter,
+    pub expirations: IntCounter,
 }
 
 /// Registry operations, one per API route that reads or changes entries.
@@ -119,7 +120,12 @@ impl RegistryMetrics {
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(instances.clone()))?;
+        let expirations = IntCounter::new(
+            "registry_expirations_total",
+            "Instances Redis expired because their TTL ran out (heartbeats stopped), as seen by this replica.",
+        )?;
         registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(expirations.clone()))?;
         registry.register(Box::new(breaker_open.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(stale_reads.clone()))?;
@@ -162,6 +168,7 @@ impl RegistryMetrics {
             store_errors,
             instances,
             failovers,
+            expirations,
         })
     }
 

@@ -201,7 +201,8 @@ impl Registry {
         result
     }
 
-    /// Brings the scrape-time gauges up to date: instances by status, failovers seen.
+    /// Brings the scrape-time figures up to date: instances by status, failovers and
+    /// expirations seen.
     pub async fn refresh_gauges(&self) {
         if let Ok(all) = self.all_instances().await
             && all.stale_age.is_none()
@@ -219,10 +220,14 @@ impl Registry {
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
-        let seen = self.store.failovers();
-        let counted = self.metrics.failovers.get();
-        if seen > counted {
-            self.metrics.failovers.inc_by(seen - counted);
+        for (seen, counter) in [
+            (self.store.failovers(), &self.metrics.failovers),
+            (self.store.expirations(), &self.metrics.expirations),
+        ] {
+            let counted = counter.get();
+            if seen > counted {
+                counter.inc_by(seen - counted);
+            }
         }
     }
 

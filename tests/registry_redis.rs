@@ -267,6 +267,23 @@ async fn entries_expire_by_ttl_and_leave_no_keys_behind() {
         status, 404,
         "the heartbeat of an expired instance answers 404"
     );
+    let counted = eventually(Duration::from_secs(5), || async {
+        let text = c
+            .http
+            .get(c.url(0, "/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines().any(|l| l == "registry_expirations_total 1")
+    })
+    .await;
+    assert!(
+        counted,
+        "the expiry is counted in registry_expirations_total"
+    );
 
     let (status, _) = c.delete(0, "/deregister/kept").await;
     assert_eq!(status, 200);

@@ -55,6 +55,8 @@ pub struct LinkConfig {
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub pool_size: usize,
+    /// Keys whose expiry counts as an instance expiring (`<prefix>i:`).
+    pub instance_key_prefix: String,
 }
 
 struct Active {
@@ -76,6 +78,7 @@ pub struct MasterLink {
     /// The last master connected to, and how often that address changed.
     last_master: StdMutex<Option<String>>,
     failovers: AtomicU64,
+    expirations: AtomicU64,
 }
 
 /// How long a failover may fence writes when no end is announced (Sentinel's
@@ -94,6 +97,7 @@ impl MasterLink {
             fenced_until: StdMutex::new(None),
             last_master: StdMutex::new(None),
             failovers: AtomicU64::new(0),
+            expirations: AtomicU64::new(0),
         });
         if let MasterSource::Sentinel { sentinels, master } = &link.config.source {
             for sentinel in sentinels {
@@ -105,11 +109,17 @@ impl MasterLink {
             }
         }
         tokio::spawn(watch_replicas(Arc::downgrade(&link)));
+        tokio::spawn(watch_expirations(Arc::downgrade(&link)));
         link
     }
 
     pub fn failovers(&self) -> u64 {
         self.failovers.load(Ordering::Relaxed)
+    }
+
+    /// Instance keys this link saw Redis expire (keyspace notifications of the master).
+    pub fn expirations(&self) -> u64 {
+        self.expirations.load(Ordering::Relaxed)
     }
 
     /// Why writes are refused right now, if they are.
@@ -492,6 +502,60 @@ async fn watch_sentinel(link: Weak<MasterLink>, sentinel: String, master: String
             Err(e) => tracing::debug!(%sentinel, error = %e, "cannot subscribe to Sentinel"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Counts instance keys that Redis expires, from the current master's keyspace notifications
+/// (`notify-keyspace-events Ex` in redis.conf), following the master across failovers.
+async fn watch_expirations(link: Weak<MasterLink>) {
+    loop {
+        let Some(strong) = link.upgrade() else { return };
+        let current = strong.current();
+        let (limit, prefix) = (
+            strong.config.connect_timeout,
+            strong.config.instance_key_prefix.clone(),
+        );
+        drop(strong);
+        let Some(active) = current else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let (addr, generation) = (active.addr.clone(), active.generation);
+        drop(active);
+        let subscribed = async {
+            let client = redis::Client::open(addr.as_str())
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let mut pubsub = bounded(limit, client.get_async_pubsub()).await?;
+            bounded(limit, pubsub.psubscribe("__keyevent@*__:expired")).await?;
+            Ok::<_, StoreError>(pubsub)
+        };
+        match subscribed.await {
+            Ok(mut pubsub) => {
+                let mut messages = pubsub.on_message();
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => {
+                            let Some(msg) = msg else { break };
+                            let Some(link) = link.upgrade() else { return };
+                            let key: String = msg.get_payload().unwrap_or_default();
+                            if key.starts_with(&prefix) {
+                                link.expirations.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        _ = check.tick() => {
+                            let Some(link) = link.upgrade() else { return };
+                            // The master moved: listen to the new one.
+                            if link.current().is_none_or(|a| a.generation != generation) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot subscribe to expirations"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

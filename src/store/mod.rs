@@ -110,4 +110,9 @@ pub trait Store: Send + Sync + 'static {
     fn failovers(&self) -> u64 {
         0
     }
+
+    /// How many instances this replica saw expire since start.
+    fn expirations(&self) -> u64 {
+        0
+    }
 }

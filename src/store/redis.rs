@@ -91,6 +91,7 @@ impl RedisStore {
             connect_timeout: config.connect_timeout,
             command_timeout: config.command_timeout,
             pool_size: 4,
+            instance_key_prefix: format!("{}i:", config.key_prefix),
         });
         Ok(RedisStore {
             link,
@@ -277,6 +278,10 @@ impl Store for RedisStore {
 
     fn failovers(&self) -> u64 {
         self.link.failovers()
+    }
+
+    fn expirations(&self) -> u64 {
+        self.link.expirations()
     }
 }
 
