@@ -497,14 +497,7 @@ async fn env_only_services_work_without_any_registry_and_unknown_ones_get_503_js
     assert_eq!(status["gateway"], "operational");
     assert_eq!(status["circuit_breaker"]["threshold"], 3);
     assert!(status["cache"]["ttl"].is_number());
-    let metrics = http
-        .get(format!("{}/metrics", gw.url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::fetch_text(&http, &format!("{}/metrics", gw.url())).await;
     for line in [
         r#"gateway_requests_total{code="200",service="legacy-svc"} 1"#,
         r#"gateway_requests_total{code="503",service="_unresolved"} 1"#,

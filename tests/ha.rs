@@ -193,15 +193,11 @@ async fn a_full_redis_outage_serves_stale_reads_refuses_writes_and_recovers() {
         "every replica's breaker opens: {:?}",
         ha.replica_health().await
     );
-    let metrics = ha
-        .http
-        .get(format!("{}/metrics", ha.topology.registries[0].url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::fetch_text(
+        &ha.http,
+        &format!("{}/metrics", ha.topology.registries[0].url()),
+    )
+    .await;
     assert!(
         metrics
             .lines()

@@ -268,15 +268,7 @@ async fn entries_expire_by_ttl_and_leave_no_keys_behind() {
         "the heartbeat of an expired instance answers 404"
     );
     let counted = eventually(Duration::from_secs(5), || async {
-        let text = c
-            .http
-            .get(c.url(0, "/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = common::fetch_text(&c.http, &c.url(0, "/metrics")).await;
         text.lines().any(|l| l == "registry_expirations_total 1")
     })
     .await;
@@ -573,15 +565,7 @@ async fn health_and_metrics_report_the_traffic() {
     c.get(0, "/services/ghost").await;
     c.post(0, "/heartbeat", r#"{"service_name": "b"}"#).await;
 
-    let text = c
-        .http
-        .get(c.url(0, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = common::fetch_text(&c.http, &c.url(0, "/metrics")).await;
     for line in [
         r#"registry_operations_total{operation="register",status="success"} 2"#,
         r#"registry_operations_total{operation="register",status="invalid"} 1"#,

@@ -256,3 +256,14 @@ pub async fn missing_keys(url: &str, keys: &[String]) -> Vec<String> {
     }
     missing
 }
+
+/// The body of `GET url` as text (a `/metrics` page, say).
+pub async fn fetch_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url)
+        .send()
+        .await
+        .expect("the server answers")
+        .text()
+        .await
+        .expect("a text body")
+}
