@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
 use super::LaunchError;
@@ -20,6 +20,9 @@ pub struct ManagedProcess {
     args: Vec<String>,
     binary: &'static str,
     package: &'static str,
+    /// The group was signalled already: its number must not be signalled again, since it
+    /// could belong to someone else once every member is gone.
+    group_killed: bool,
 }
 
 impl ManagedProcess {
@@ -43,6 +46,7 @@ impl ManagedProcess {
             args,
             binary,
             package,
+            group_killed: false,
         })
     }
 
@@ -57,6 +61,7 @@ impl ManagedProcess {
             self.binary,
             self.package,
         )?;
+        self.group_killed = false;
         Ok(())
     }
 
@@ -101,10 +106,14 @@ impl ManagedProcess {
         self.kill();
     }
 
-    /// SIGKILL and reap: the crash the chaos tests simulate.
+    /// SIGKILL to the whole process group and reap: the crash the chaos tests simulate. The
+    /// group matters for nginx, whose workers would otherwise outlive their master.
     pub fn kill(&mut self) {
-        if self.is_running() {
-            let _ = self.child.kill();
+        if !self.group_killed
+            && let Ok(pid) = i32::try_from(self.child.id())
+        {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            self.group_killed = true;
         }
         let _ = self.child.wait();
     }
@@ -143,10 +152,14 @@ fn start(
         .try_clone()
         .map_err(|e| LaunchError::io("duplicating a log handle", e))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-    // async-signal-safe; it allocates nothing and takes no lock.
+    // SAFETY: the closure runs between fork and exec and only calls setpgid(2) and prctl(2),
+    // which are async-signal-safe; it allocates nothing and takes no lock.
     unsafe {
-        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from));
+        cmd.pre_exec(|| {
+            // Its own process group, so `kill` reaches the children it forks (nginx workers).
+            nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).map_err(io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+        });
     }
     cmd.spawn().map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
