@@ -252,5 +252,10 @@ async fn gateway_runs_its_workers_and_stops_cleanly_on_sigterm() {
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(body["error"], "upstream_connect");
     assert_eq!(body["source"], "upstream");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!("127.0.0.1:{registry}")) && detail.contains("refused"),
+        "the detail names the instance and the cause: {detail}"
+    );
     assert_eq!(sigterm_and_wait(&mut child), Some(0));
 }

@@ -461,16 +461,16 @@ async fn forward(
         request_id: &id,
     };
     let mut tried: Vec<String> = Vec::new();
+    // What went wrong with the previous attempt, reported if there is no other instance.
+    let mut last: Option<GatewayError> = None;
     loop {
         let Some(upstream) = gw.balancer.pick(&resolution.upstreams, &tried) else {
-            return Err((
-                true,
-                GatewayError::Connect {
-                    service: service.to_string(),
-                    upstream: tried.join(", "),
-                    detail: "no instance left to try".into(),
-                },
-            ));
+            let error = last.unwrap_or_else(|| GatewayError::Connect {
+                service: service.to_string(),
+                upstream: tried.join(", "),
+                detail: "no instance left to try".into(),
+            });
+            return Err((true, error));
         };
         let _in_flight = gw.balancer.start(upstream);
         let started = Instant::now();
@@ -508,6 +508,11 @@ async fn forward(
                     ));
                 }
                 tracing::info!(service, upstream = %upstream.url, %detail, "connect failed; retrying on another instance");
+                last = Some(GatewayError::Connect {
+                    service: service.to_string(),
+                    upstream: upstream.url.clone(),
+                    detail,
+                });
             }
             Err(SendError::TooLarge) => {
                 return Err((
@@ -540,6 +545,11 @@ async fn forward(
                     ));
                 }
                 tracing::info!(service, upstream = %upstream.url, %detail, "exchange failed; retrying an idempotent request on another instance");
+                last = Some(GatewayError::Upstream {
+                    service: service.to_string(),
+                    upstream: upstream.url.clone(),
+                    detail,
+                });
             }
         }
     }
