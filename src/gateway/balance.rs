@@ -174,11 +174,11 @@ mod tests {
     fn up(b: &Balancer, url: &str, healthy: bool, load: Option<f64>) -> Upstream {
         Upstream {
             url: url.into(),
-            instance_id: url.into(),
             healthy,
             load,
             p95_ms: None,
             state: b.state(url),
+            instance_header: None,
         }
     }
 

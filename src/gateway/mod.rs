@@ -364,7 +364,7 @@ fn split_target(path_and_query: &str) -> Option<(&str, String)> {
 
 fn request_id(req: &Request) -> String {
     req.headers()
-        .get("x-request-id")
+        .get(&proxy::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(|| format!("{:016x}", fastrand::u64(..)), String::from)
@@ -555,20 +555,25 @@ async fn forward(
     }
 }
 
+const X_ROLLCALL_RESOLUTION: header::HeaderName =
+    header::HeaderName::from_static("x-rollcall-resolution");
+const X_ROLLCALL_INSTANCE: header::HeaderName =
+    header::HeaderName::from_static("x-rollcall-instance");
+
 /// Says how the request was routed, for whoever debugs it.
 fn annotate(resp: &mut Response<Body>, upstream: &Upstream, source: Source, id: &str) {
     let headers = resp.headers_mut();
     headers.insert(
-        "x-rollcall-resolution",
+        X_ROLLCALL_RESOLUTION,
         HeaderValue::from_static(source.as_str()),
     );
-    if let Ok(v) = HeaderValue::from_str(&upstream.instance_id) {
-        headers.insert("x-rollcall-instance", v);
+    if let Some(v) = &upstream.instance_header {
+        headers.insert(X_ROLLCALL_INSTANCE, v.clone());
     }
-    if !headers.contains_key("x-request-id")
+    if !headers.contains_key(&proxy::X_REQUEST_ID)
         && let Ok(v) = HeaderValue::from_str(id)
     {
-        headers.insert("x-request-id", v);
+        headers.insert(proxy::X_REQUEST_ID, v);
     }
 }
 

@@ -109,6 +109,12 @@ impl HttpBody for SlotBody {
     }
 }
 
+// Parsed once: a header name given as a string is parsed again on every use.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Headers that describe one connection, not the message: never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -193,24 +199,24 @@ pub async fn send(
         headers.insert(header::HOST, v);
     }
     if let Some(ip) = out.client_ip {
-        let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prior) => format!("{prior}, {ip}"),
             None => ip.to_string(),
         };
         if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            headers.insert("x-forwarded-for", v);
+            headers.insert(X_FORWARDED_FOR, v);
         }
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if let Some(host) = original_host
-        && !headers.contains_key("x-forwarded-host")
+        && !headers.contains_key(&X_FORWARDED_HOST)
     {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
     if let Ok(v) = HeaderValue::from_str(out.request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(X_REQUEST_ID, v);
     }
     let mut req = Request::new(body);
     *req.method_mut() = out.method.clone();

@@ -46,12 +46,13 @@ impl Source {
 pub struct Upstream {
     /// The registered endpoint (may carry a path prefix).
     pub url: String,
-    pub instance_id: String,
     pub healthy: bool,
     pub load: Option<f64>,
     pub p95_ms: Option<f64>,
     /// The balancer's in-flight and ejection state for this URL.
     pub state: Arc<UpstreamState>,
+    /// The instance id as a ready header value (`X-Rollcall-Instance`), built once.
+    pub instance_header: Option<axum::http::HeaderValue>,
 }
 
 #[derive(Debug, Clone)]
@@ -274,10 +275,11 @@ impl Resolver {
         let var = env_var_name(service);
         match self.config.env.get(&var) {
             Some(url) => {
+                let instance_id = format!("env:{var}");
                 let upstreams = Arc::new(vec![Upstream {
                     state: self.balancer.state(&url),
+                    instance_header: axum::http::HeaderValue::from_str(&instance_id).ok(),
                     url,
-                    instance_id: format!("env:{var}"),
                     healthy: true,
                     load: None,
                     p95_ms: None,
@@ -346,10 +348,11 @@ impl Resolver {
                 list.iter()
                     .filter_map(|i| {
                         let url = i["endpoint"].as_str()?;
+                        let instance_id = i["instance_id"].as_str().unwrap_or_default();
                         Some(Upstream {
                             state: self.balancer.state(url),
+                            instance_header: axum::http::HeaderValue::from_str(instance_id).ok(),
                             url: url.to_string(),
-                            instance_id: i["instance_id"].as_str().unwrap_or_default().to_string(),
                             healthy: i["status"].as_str() != Some("degraded"),
                             load: i["load"].as_f64(),
                             p95_ms: i["p95_ms"].as_f64(),
