@@ -92,8 +92,22 @@ where
     }
 }
 
+/// Polls `GET url` until it answers 200 (see `wait_until`).
+pub(crate) async fn wait_http_ok(
+    process: &mut ManagedProcess,
+    url: &str,
+) -> Result<(), LaunchError> {
+    wait_until(process, || async {
+        match http_status(url).await? {
+            200 => Ok(()),
+            s => Err(format!("{url} answered {s}")),
+        }
+    })
+    .await
+}
+
 /// Answers the HTTP status of `GET url`, for readiness checks.
-pub(crate) async fn http_status(url: &str) -> Result<u16, String> {
+async fn http_status(url: &str) -> Result<u16, String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(1000))
         .build()

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{LaunchError, ManagedProcess, free_port, http_status, render, wait_until};
+use super::{LaunchError, ManagedProcess, free_port, render, wait_http_ok};
 
 const TEMPLATE: &str = include_str!("../../nginx/nginx.conf");
 
@@ -87,13 +87,7 @@ impl Nginx {
             "nginx",
         )?;
         let url = format!("http://127.0.0.1:{port}{ready}");
-        wait_until(&mut process, || async {
-            match http_status(&url).await? {
-                200 => Ok(()),
-                s => Err(format!("{ready} answered {s}")),
-            }
-        })
-        .await?;
+        wait_http_ok(&mut process, &url).await?;
         Ok(Nginx { process, port })
     }
 

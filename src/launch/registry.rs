@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{LaunchError, ManagedProcess, free_port, http_status, wait_until};
+use super::{LaunchError, ManagedProcess, free_port, wait_http_ok};
 
 pub struct RegistryProcess {
     process: ManagedProcess,
@@ -69,13 +69,7 @@ impl RegistryProcess {
 
     async fn wait_ready(&mut self) -> Result<(), LaunchError> {
         let url = format!("{}/health", self.url());
-        wait_until(&mut self.process, || async {
-            match http_status(&url).await? {
-                200 => Ok(()),
-                s => Err(format!("/health answered {s}")),
-            }
-        })
-        .await
+        wait_http_ok(&mut self.process, &url).await
     }
 
     pub fn port(&self) -> u16 {
