@@ -201,8 +201,8 @@ impl Registry {
         result
     }
 
-    /// Brings the scrape-time figures up to date: instances by status, failovers and
-    /// expirations seen.
+    /// Brings the scrape-time figures up to date from one read of the whole registry: active
+    /// services, instances by status; then failovers and expirations seen.
     pub async fn refresh_gauges(&self) {
         if let Ok(all) = self.all_instances().await
             && all.stale_age.is_none()
@@ -213,6 +213,11 @@ impl Registry {
                 .filter(|i| i.status == Status::Degraded)
                 .count();
             let ok = all.value.len() - degraded;
+            let services: std::collections::BTreeSet<&str> =
+                all.value.iter().map(|i| i.service_name.as_str()).collect();
+            self.metrics
+                .active_services
+                .set(i64::try_from(services.len()).unwrap_or(i64::MAX));
             for (status, n) in [("ok", ok), ("degraded", degraded)] {
                 self.metrics
                     .instances

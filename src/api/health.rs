@@ -79,14 +79,6 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    if let Ok(names) = state.registry.service_names().await
-        && names.stale_age.is_none()
-    {
-        state
-            .metrics
-            .active_services
-            .set(i64::try_from(names.value.len()).unwrap_or(i64::MAX));
-    }
     state.registry.refresh_gauges().await;
     state
         .metrics
