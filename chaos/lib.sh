@@ -40,16 +40,22 @@ esac
 
 say() { printf '\n== %s\n' "$*"; }
 
-# kill_registry I: SIGKILL registry replica I (0-based).
-kill_registry() {
-  say "killing registry replica $1"
+# kill_node KIND I: SIGKILL node I (0-based) of KIND, REGISTRY or REDIS: by the pid in the
+# state file (dev), or the compose service registry<I+1> / redis<I+1>.
+kill_node() {
+  local kind=$1 i=$2 lower
+  lower=$(printf '%s' "$kind" | tr '[:upper:]' '[:lower:]')
+  say "killing $lower node $i"
   if [ "$CHAOS_TARGET" = dev ]; then
-    local pid="REGISTRY_$1_PID"
+    local pid="${kind}_${i}_PID"
     kill -9 "${!pid}"
   else
-    "${COMPOSE[@]}" kill "registry$(( $1 + 1 ))"
+    "${COMPOSE[@]}" kill "$lower$(( i + 1 ))"
   fi
 }
+
+kill_registry() { kill_node REGISTRY "$1"; }
+kill_redis() { kill_node REDIS "$1"; }
 
 # master_index: which Redis node (0-based) the Sentinels name as master now.
 master_index() {
@@ -69,17 +75,6 @@ master_index() {
       fi
     done
     echo "no Redis container says it is master" >&2; return 1
-  fi
-}
-
-# kill_redis I: SIGKILL Redis node I.
-kill_redis() {
-  say "killing Redis node $1"
-  if [ "$CHAOS_TARGET" = dev ]; then
-    local pid="REDIS_$1_PID"
-    kill -9 "${!pid}"
-  else
-    "${COMPOSE[@]}" kill "redis$(( $1 + 1 ))"
   fi
 }
 
