@@ -510,3 +510,113 @@ async fn env_only_services_work_without_any_registry_and_unknown_ones_get_503_js
         );
     }
 }
+
+/// A bare HTTP/1.1 server that counts the connections it accepts and, once told to, answers
+/// only the first request of each connection and hangs up on the next one unanswered: an
+/// upstream whose keep-alive timeout fires just as the gateway reuses the connection.
+struct CountingUpstream {
+    addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    one_per_connection: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingUpstream {
+    async fn start() -> CountingUpstream {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let one_per_connection = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, one) = (accepted.clone(), one_per_connection.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let one = one.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    for answered in 0.. {
+                        // Requests here have no body: a head ends at the blank line.
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        if answered > 0 && one.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let end = buf
+                            .windows(4)
+                            .position(|w| w == b"\r\n\r\n")
+                            .expect("head end")
+                            + 4;
+                        buf.drain(..end);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CountingUpstream {
+            addr,
+            accepted,
+            one_per_connection,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_a_reused_one_that_dies_is_retried_safely() {
+    let up = CountingUpstream::start().await;
+    let gw = gateway(config(None, &[("KEEP_URL", format!("http://{}", up.addr))])).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v2/keep/x", gw.url());
+    for i in 0..20 {
+        let resp = http.get(&url).send().await.expect("send");
+        assert_eq!(resp.status().as_u16(), 200, "request {i}");
+        assert_eq!(resp.text().await.expect("body"), "ok");
+    }
+    assert_eq!(
+        up.accepted(),
+        1,
+        "20 sequential requests must share one upstream connection"
+    );
+
+    // From now on every reused connection dies under the request it carries.
+    up.one_per_connection
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..20 {
+        let resp = http.get(&url).send().await.expect("send");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        assert_eq!(
+            status, 200,
+            "GET {i} must be retried on a new connection: {text}"
+        );
+    }
+    assert_eq!(up.accepted(), 21, "one new connection per retried GET");
+
+    // Repeating a POST could do its work twice: the caller gets the failure instead.
+    let resp = http.post(&url).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 502);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["retry_safe"], false, "{body}");
+}

@@ -172,14 +172,7 @@ mod tests {
     use super::*;
 
     fn up(b: &Balancer, url: &str, healthy: bool, load: Option<f64>) -> Upstream {
-        Upstream {
-            url: url.into(),
-            healthy,
-            load,
-            p95_ms: None,
-            state: b.state(url),
-            instance_header: None,
-        }
+        Upstream::new(b, url.into(), "", healthy, load, None)
     }
 
     fn balancer() -> Arc<Balancer> {

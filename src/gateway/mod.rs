@@ -9,6 +9,7 @@
 mod balance;
 mod error;
 mod metrics;
+mod pool;
 mod proxy;
 mod resolve;
 
@@ -26,9 +27,6 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
@@ -40,7 +38,8 @@ use self::balance::Balancer;
 pub use self::balance::EjectionConfig;
 pub use self::error::GatewayError;
 use self::metrics::GatewayMetrics;
-use self::proxy::{BodySlot, HttpClient, Outgoing, SendError};
+use self::pool::{Pool, PoolConfig};
+use self::proxy::{BodySlot, Outgoing, SendError};
 pub use self::resolve::{EnvSource, ResolverConfig, Source, env_var_name};
 use self::resolve::{Resolver, Upstream};
 use crate::breaker::{BreakerConfig, BreakerState};
@@ -92,7 +91,7 @@ struct Gateway {
     config: GatewayConfig,
     resolver: Arc<Resolver>,
     balancer: Arc<Balancer>,
-    client: HttpClient,
+    pool: Arc<Pool>,
     metrics: Arc<GatewayMetrics>,
 }
 
@@ -103,20 +102,18 @@ impl Gateway {
             config: self.config.clone(),
             resolver: self.resolver.clone(),
             balancer: self.balancer.clone(),
-            client: http_client(&self.config),
+            pool: upstream_pool(&self.config),
             metrics: self.metrics.clone(),
         })
     }
 }
 
-fn http_client(config: &GatewayConfig) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector)
+fn upstream_pool(config: &GatewayConfig) -> Arc<Pool> {
+    Pool::new(PoolConfig {
+        connect_timeout: config.connect_timeout,
+        idle_timeout: Duration::from_secs(90),
+        max_idle_per_instance: 256,
+    })
 }
 
 fn build(config: GatewayConfig) -> io::Result<Arc<Gateway>> {
@@ -136,11 +133,11 @@ fn build(config: GatewayConfig) -> io::Result<Arc<Gateway>> {
         Resolver::new(config.resolver.clone(), balancer.clone(), on_transition)
             .map_err(io::Error::other)?,
     );
-    let client = http_client(&config);
+    let pool = upstream_pool(&config);
     Ok(Arc::new(Gateway {
         balancer,
         resolver,
-        client,
+        pool,
         metrics,
         config,
     }))
@@ -166,6 +163,16 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let graceful = GracefulShutdown::new();
+    let pruner = {
+        let pool = gw.pool.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PRUNE_EVERY);
+            loop {
+                every.tick().await;
+                pool.prune();
+            }
+        })
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -198,6 +205,7 @@ async fn serve(
         });
     }
     drop(listener);
+    pruner.abort();
     if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
         .is_err()
@@ -206,6 +214,9 @@ async fn serve(
     }
     Ok(())
 }
+
+/// How often closed and expired idle upstream connections are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a stopping gateway waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -474,14 +485,12 @@ async fn forward(
         };
         let _in_flight = gw.balancer.start(upstream);
         let started = Instant::now();
-        let result = proxy::send(
-            &gw.client,
-            &upstream.url,
-            &out,
-            slot.body(),
-            gw.config.response_timeout,
-        )
-        .await;
+        let result = match &upstream.target {
+            Ok(target) => {
+                proxy::send(&gw.pool, target, &out, &slot, gw.config.response_timeout).await
+            }
+            Err(why) => Err(SendError::Connect(why.clone())),
+        };
         match result {
             Ok(resp) => {
                 gw.balancer.connected(upstream);

@@ -12,18 +12,16 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{Request, Response, Uri, Version};
+use axum::http::{Request, Response, Version};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{LengthLimitError, Limited};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tower_http::timeout::TimeoutBody;
+
+use super::pool::{ConnectError, ExchangeError, Pool, PooledBody, SendFailure, Target};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Inner = TimeoutBody<Limited<Body>>;
-pub type HttpClient = Client<HttpConnector, SlotBody>;
 
 /// Holds the caller's request body until an attempt starts reading it.
 #[derive(Clone)]
@@ -154,7 +152,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// How an attempt failed.
 pub enum SendError {
-    /// No connection could be made: nothing was sent.
+    /// No connection could be made, or the request was provably not sent on it.
     Connect(String),
     /// The request body broke the size limit.
     TooLarge,
@@ -175,29 +173,59 @@ pub struct Outgoing<'a> {
 }
 
 pub async fn send(
-    client: &HttpClient,
-    base: &str,
+    pool: &Arc<Pool>,
+    target: &Target,
     out: &Outgoing<'_>,
-    body: SlotBody,
+    slot: &BodySlot,
     response_timeout: Duration,
-) -> Result<Response<Incoming>, SendError> {
-    let target = format!("{}{}", base.trim_end_matches('/'), out.rest);
-    let uri: Uri = target
-        .parse()
-        .map_err(|e| SendError::Connect(format!("bad upstream URL {target:?}: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(SendError::Connect(format!(
-            "only http:// upstreams are supported, not {target:?}"
-        )));
+) -> Result<Response<PooledBody>, SendError> {
+    let uri = target.uri(out.rest).map_err(SendError::Connect)?;
+    let mut fresh = false;
+    loop {
+        let req = upstream_request(target, out, uri.clone(), slot.body());
+        let error =
+            match tokio::time::timeout(response_timeout, pool.send(target, req, fresh)).await {
+                Err(_) => return Err(SendError::Timeout),
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(SendFailure::Connect(ConnectError(detail)))) => {
+                    return Err(SendError::Connect(detail));
+                }
+                Ok(Err(SendFailure::Exchange(ExchangeError::NotSent(e)))) => {
+                    return Err(SendError::Connect(format!(
+                        "connection closed before the request was sent: {}",
+                        chain(&e)
+                    )));
+                }
+                Ok(Err(SendFailure::Exchange(ExchangeError::Failed { error, reused }))) => {
+                    // Most likely a kept-alive connection the instance closed just as the request
+                    // went out (its idle timeout racing ours): one more try on a new connection,
+                    // when repeating the request is harmless.
+                    if reused && !fresh && out.method.is_idempotent() && slot.untouched() {
+                        fresh = true;
+                        continue;
+                    }
+                    error
+                }
+            };
+        return Err(if caused_by_limit(&error) {
+            SendError::TooLarge
+        } else {
+            SendError::Other(chain(&error))
+        });
     }
+}
+
+/// The request as it goes to `target`: hop-by-hop headers out, `Host` and the
+/// `X-Forwarded-*`/`X-Request-Id` headers in.
+fn upstream_request(
+    target: &Target,
+    out: &Outgoing<'_>,
+    uri: axum::http::Uri,
+    body: SlotBody,
+) -> Request<SlotBody> {
     let mut headers = out.headers.clone();
     strip_hop_by_hop(&mut headers);
-    let original_host = headers.remove(header::HOST);
-    if let Some(authority) = uri.authority()
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(header::HOST, v);
-    }
+    let original_host = headers.insert(header::HOST, target.host.clone());
     if let Some(ip) = out.client_ip {
         let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prior) => format!("{prior}, {ip}"),
@@ -223,13 +251,7 @@ pub async fn send(
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    match tokio::time::timeout(response_timeout, client.request(req)).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(chain(&e))),
-        Ok(Err(e)) if caused_by_limit(&e) => Err(SendError::TooLarge),
-        Ok(Err(e)) => Err(SendError::Other(chain(&e))),
-    }
+    req
 }
 
 fn caused_by_limit(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -254,7 +276,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The upstream's response, hop-by-hop headers removed, body streamed with an idle limit.
-pub fn relay(resp: Response<Incoming>, idle: Duration) -> Response<Body> {
+pub fn relay(resp: Response<PooledBody>, idle: Duration) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Body::new(TimeoutBody::new(idle, body)))

@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::balance::{Balancer, UpstreamState};
+use super::pool::Target;
 use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
 
 /// Where a resolution came from; also the `source` label of the resolution metric.
@@ -53,6 +54,29 @@ pub struct Upstream {
     pub state: Arc<UpstreamState>,
     /// The instance id as a ready header value (`X-Rollcall-Instance`), built once.
     pub instance_header: Option<axum::http::HeaderValue>,
+    /// `url` parsed for connecting, or why it cannot be proxied to.
+    pub target: Result<Arc<Target>, String>,
+}
+
+impl Upstream {
+    pub fn new(
+        balancer: &Balancer,
+        url: String,
+        instance_id: &str,
+        healthy: bool,
+        load: Option<f64>,
+        p95_ms: Option<f64>,
+    ) -> Upstream {
+        Upstream {
+            state: balancer.state(&url),
+            instance_header: axum::http::HeaderValue::from_str(instance_id).ok(),
+            target: Target::parse(&url).map(Arc::new),
+            url,
+            healthy,
+            load,
+            p95_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -276,14 +300,14 @@ impl Resolver {
         match self.config.env.get(&var) {
             Some(url) => {
                 let instance_id = format!("env:{var}");
-                let upstreams = Arc::new(vec![Upstream {
-                    state: self.balancer.state(&url),
-                    instance_header: axum::http::HeaderValue::from_str(&instance_id).ok(),
+                let upstreams = Arc::new(vec![Upstream::new(
+                    &self.balancer,
                     url,
-                    healthy: true,
-                    load: None,
-                    p95_ms: None,
-                }]);
+                    &instance_id,
+                    true,
+                    None,
+                    None,
+                )]);
                 // Cached like a registry answer, so env-only services do not queue on the
                 // single-flight lock for every request.
                 self.remember(service, upstreams.clone(), Source::Env);
@@ -349,14 +373,14 @@ impl Resolver {
                     .filter_map(|i| {
                         let url = i["endpoint"].as_str()?;
                         let instance_id = i["instance_id"].as_str().unwrap_or_default();
-                        Some(Upstream {
-                            state: self.balancer.state(url),
-                            instance_header: axum::http::HeaderValue::from_str(instance_id).ok(),
-                            url: url.to_string(),
-                            healthy: i["status"].as_str() != Some("degraded"),
-                            load: i["load"].as_f64(),
-                            p95_ms: i["p95_ms"].as_f64(),
-                        })
+                        Some(Upstream::new(
+                            &self.balancer,
+                            url.to_string(),
+                            instance_id,
+                            i["status"].as_str() != Some("degraded"),
+                            i["load"].as_f64(),
+                            i["p95_ms"].as_f64(),
+                        ))
                     })
                     .collect()
             })
