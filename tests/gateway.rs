@@ -1,6 +1,7 @@
 //! The gateway against real upstream HTTP servers and a real registry (real Redis): routing
 //! fidelity, streaming, hop-by-hop headers, riding out a registry outage, losing an instance
-//! under load, and env-var-only services.
+//! under load, env-var-only services, upstream keep-alive and its safe retry, body size and
+//! idle limits.
 
 mod common;
 
@@ -39,6 +40,12 @@ impl Upstream {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let app = axum::Router::new()
+                    .route(
+                        "/collect",
+                        axum::routing::post(|body: bytes::Bytes| async move {
+                            format!("{} bytes", body.len())
+                        }),
+                    )
                     .route(
                         "/slow",
                         axum::routing::get(move || {
@@ -619,4 +626,83 @@ async fn upstream_connections_are_kept_alive_and_a_reused_one_that_dies_is_retri
     assert_eq!(resp.status().as_u16(), 502);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["retry_safe"], false, "{body}");
+}
+
+/// Sends a raw HTTP/1.1 request and answers the whole raw response (the connection is closed).
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
+    let up = Upstream::start("a", Arc::new(Notify::new()));
+    let mut c = config(None, &[("SINK_URL", up.url())]);
+    c.max_body_bytes = 1000;
+    let gw = gateway(c).await;
+
+    let fits = raw_exchange(
+        gw.addr,
+        b"POST /v2/sink/collect HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\
+          content-length: 10\r\n\r\n0123456789",
+    )
+    .await;
+    assert!(fits.starts_with("HTTP/1.1 200"), "{fits}");
+    assert!(fits.ends_with("10 bytes"), "{fits}");
+
+    let declared = raw_exchange(
+        gw.addr,
+        b"POST /v2/sink/collect HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\
+          content-length: 2000\r\n\r\n",
+    )
+    .await;
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert!(
+        declared.contains(r#""error":"payload_too_large""#),
+        "{declared}"
+    );
+
+    // Chunked: no length up front, so the limit trips while the body streams upstream.
+    let chunk = format!("{:x}\r\n{}\r\n", 600, "x".repeat(600));
+    let streamed = format!(
+        "POST /v2/sink/collect HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\
+         transfer-encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
+    let streamed = raw_exchange(gw.addr, streamed.as_bytes()).await;
+    assert!(streamed.starts_with("HTTP/1.1 413"), "{streamed}");
+    assert!(
+        streamed.contains(r#""error":"payload_too_large""#),
+        "{streamed}"
+    );
+}
+
+#[tokio::test]
+async fn a_response_body_that_stalls_is_cut_after_the_idle_limit() {
+    let release = Arc::new(Notify::new());
+    let up = Upstream::start("slow", release.clone());
+    let mut c = config(None, &[("STALL_URL", up.url())]);
+    c.body_idle_timeout = Duration::from_millis(300);
+    let gw = gateway(c).await;
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(
+        gw.addr,
+        b"GET /v2/stall/slow HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("first"), "{answer}");
+    assert!(
+        !answer.contains("last") && !answer.ends_with("0\r\n\r\n"),
+        "the stalled body must be cut, not completed: {answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut after the 300 ms idle limit, took {:?}",
+        started.elapsed()
+    );
+    release.notify_waiters();
 }

@@ -7,6 +7,7 @@
 //! describe the gateway itself.
 
 mod balance;
+mod body;
 mod error;
 mod metrics;
 mod pool;
@@ -21,9 +22,7 @@ use std::time::{Duration, Instant};
 
 use std::convert::Infallible;
 
-use axum::body::Body;
-use axum::extract::Request;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -36,10 +35,11 @@ use tokio::task::JoinHandle;
 
 use self::balance::Balancer;
 pub use self::balance::EjectionConfig;
+use self::body::{BodySlot, ResponseBody};
 pub use self::error::GatewayError;
 use self::metrics::GatewayMetrics;
 use self::pool::{Pool, PoolConfig};
-use self::proxy::{BodySlot, Outgoing, SendError};
+use self::proxy::{Outgoing, SendError};
 pub use self::resolve::{EnvSource, ResolverConfig, Source, env_var_name};
 use self::resolve::{Resolver, Upstream};
 use crate::breaker::{BreakerConfig, BreakerState};
@@ -144,13 +144,18 @@ fn build(config: GatewayConfig) -> io::Result<Arc<Gateway>> {
 }
 
 /// Answers one request: the gateway's own endpoints, else `/v2/…` proxying.
-async fn handle(gw: Arc<Gateway>, peer: SocketAddr, req: Request) -> Response {
-    match (req.method(), req.uri().path()) {
+async fn handle(
+    gw: Arc<Gateway>,
+    client_ip: HeaderValue,
+    req: hyper::Request<Incoming>,
+) -> Response<ResponseBody> {
+    let own = match (req.method(), req.uri().path()) {
         (&Method::GET, "/gateway/status") => status(&gw).into_response(),
         (&Method::GET, "/health") => health(&gw).into_response(),
         (&Method::GET, "/metrics") => metrics_text(&gw).into_response(),
-        _ => route(&gw, peer, req).await,
-    }
+        _ => return route(&gw, client_ip, req).await,
+    };
+    own.map(ResponseBody::from)
 }
 
 /// Serves HTTP/1.1 connections from `listener` until `shutdown` resolves, then lets open
@@ -189,9 +194,13 @@ async fn serve(
         };
         no_delay(&stream);
         let gw = gw.clone();
+        // The caller's address as `X-Forwarded-For` wants it, formatted once per connection.
+        let client_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             let gw = gw.clone();
-            async move { Ok::<_, Infallible>(handle(gw, peer, req.map(Body::new)).await) }
+            let client_ip = client_ip.clone();
+            async move { Ok::<_, Infallible>(handle(gw, client_ip, req).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -360,62 +369,60 @@ pub async fn spawn(listen: SocketAddr, config: GatewayConfig) -> io::Result<Gate
 }
 
 /// Splits `/v2/<service>/<rest>` as received (nothing decoded), answering `rest` with its
-/// query and a leading `/`.
-fn split_target(path_and_query: &str) -> Option<(&str, String)> {
+/// query; `rest` may be empty or start with `?`, `Target::uri` adds the leading `/`.
+fn split_target(path_and_query: &str) -> Option<(&str, &str)> {
     let after = path_and_query.strip_prefix("/v2/")?;
     let end = after.find(['/', '?']).unwrap_or(after.len());
-    let (service, rest) = after.split_at(end);
-    let rest = if rest.starts_with('?') || rest.is_empty() {
-        format!("/{rest}")
-    } else {
-        rest.to_string()
-    };
-    Some((service, rest))
+    Some(after.split_at(end))
 }
 
-fn request_id(req: &Request) -> String {
-    req.headers()
+/// The caller's `X-Request-Id` when it is usable, else a new random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers
         .get(&proxy::X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map_or_else(|| format!("{:016x}", fastrand::u64(..)), String::from)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+    {
+        return v.clone();
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u64(..);
+    let mut id = [0u8; 16];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-async fn route(gw: &Arc<Gateway>, peer: SocketAddr, req: Request) -> Response {
-    let raw = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let (label, response) = match split_target(&raw) {
+async fn route(
+    gw: &Arc<Gateway>,
+    client_ip: HeaderValue,
+    req: hyper::Request<Incoming>,
+) -> Response<ResponseBody> {
+    let (parts, body) = req.into_parts();
+    let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let (label, response) = match split_target(raw) {
         None => (
-            "_unresolved".to_string(),
+            "_unresolved",
             GatewayError::BadRequest(format!(
                 "no route for {}; the gateway serves /v2/<service>/<path>, /gateway/status, \
                  /health and /metrics",
-                req.uri().path()
+                parts.uri.path()
             ))
-            .into_response(),
+            .into_response()
+            .map(ResponseBody::from),
         ),
-        Some((service, rest)) => {
-            let service = service.to_string();
-            match forward(gw, &service, &rest, peer, req).await {
-                Ok(resp) => (service, resp),
-                Err((resolved, e)) => {
-                    gw.metrics.errors.with_label_values(&[e.kind()]).inc();
-                    let label = if resolved {
-                        service
-                    } else {
-                        "_unresolved".into()
-                    };
-                    (label, e.into_response())
-                }
+        Some((service, rest)) => match forward(gw, service, rest, &client_ip, &parts, body).await {
+            Ok(resp) => (service, resp),
+            Err((resolved, e)) => {
+                gw.metrics.errors.with_label_values(&[e.kind()]).inc();
+                let label = if resolved { service } else { "_unresolved" };
+                (label, e.into_response().map(ResponseBody::from))
             }
-        }
+        },
     };
     gw.metrics
         .requests
-        .with_label_values(&[&label, response.status().as_str()])
+        .with_label_values(&[label, response.status().as_str()])
         .inc();
     response
 }
@@ -426,13 +433,14 @@ async fn forward(
     gw: &Arc<Gateway>,
     service: &str,
     rest: &str,
-    peer: SocketAddr,
-    req: Request,
-) -> Result<Response, (bool, GatewayError)> {
+    client_ip: &HeaderValue,
+    parts: &axum::http::request::Parts,
+    body: Incoming,
+) -> Result<Response<ResponseBody>, (bool, GatewayError)> {
     service_name_rule("service", service)
         .map_err(|e| (false, GatewayError::BadRequest(e.to_string())))?;
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
@@ -460,9 +468,7 @@ async fn forward(
         .with_label_values(&[resolution.source.as_str()])
         .inc();
 
-    let client_ip = Some(peer.ip());
-    let id = request_id(&req);
-    let (parts, body) = req.into_parts();
+    let id = request_id(&parts.headers);
     let slot = BodySlot::new(body, gw.config.max_body_bytes, gw.config.body_idle_timeout);
     let out = Outgoing {
         method: &parts.method,
@@ -570,7 +576,12 @@ const X_ROLLCALL_INSTANCE: header::HeaderName =
     header::HeaderName::from_static("x-rollcall-instance");
 
 /// Says how the request was routed, for whoever debugs it.
-fn annotate(resp: &mut Response<Body>, upstream: &Upstream, source: Source, id: &str) {
+fn annotate(
+    resp: &mut Response<ResponseBody>,
+    upstream: &Upstream,
+    source: Source,
+    id: &HeaderValue,
+) {
     let headers = resp.headers_mut();
     headers.insert(
         X_ROLLCALL_RESOLUTION,
@@ -579,10 +590,8 @@ fn annotate(resp: &mut Response<Body>, upstream: &Upstream, source: Source, id: 
     if let Some(v) = &upstream.instance_header {
         headers.insert(X_ROLLCALL_INSTANCE, v.clone());
     }
-    if !headers.contains_key(&proxy::X_REQUEST_ID)
-        && let Ok(v) = HeaderValue::from_str(id)
-    {
-        headers.insert(proxy::X_REQUEST_ID, v);
+    if !headers.contains_key(&proxy::X_REQUEST_ID) {
+        headers.insert(proxy::X_REQUEST_ID, id.clone());
     }
 }
 
@@ -653,19 +662,27 @@ fn metrics_text(gw: &Gateway) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::split_target;
+    use super::*;
 
     #[test]
     fn targets_split_without_decoding() {
         assert_eq!(
             split_target("/v2/svc/a%2Fb/c?x=%41"),
-            Some(("svc", "/a%2Fb/c?x=%41".to_string()))
+            Some(("svc", "/a%2Fb/c?x=%41"))
         );
-        assert_eq!(split_target("/v2/svc"), Some(("svc", "/".to_string())));
-        assert_eq!(
-            split_target("/v2/svc?q=1"),
-            Some(("svc", "/?q=1".to_string()))
-        );
+        assert_eq!(split_target("/v2/svc"), Some(("svc", "")));
+        assert_eq!(split_target("/v2/svc?q=1"), Some(("svc", "?q=1")));
         assert_eq!(split_target("/v1/svc/x"), None);
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        let made = request_id(&headers);
+        assert_eq!(made.len(), 16);
+        assert!(made.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert_ne!(made, request_id(&headers), "ids are random");
+        headers.insert("x-request-id", HeaderValue::from_static("caller-1"));
+        assert_eq!(request_id(&headers), "caller-1");
     }
 }

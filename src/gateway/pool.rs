@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::proxy::SlotBody;
+use super::body::SlotBody;
 
 /// An instance's base URL, parsed once per resolution instead of once per request.
 #[derive(Debug)]
@@ -60,12 +60,15 @@ impl Target {
         })
     }
 
-    /// The origin-form request target for `rest` (a path and query starting with `/`).
+    /// The origin-form request target for `rest`, the path and query after the service
+    /// name: empty, `?query`, or `/path…`.
     pub fn uri(&self, rest: &str) -> Result<Uri, String> {
-        let parsed = if self.prefix.is_empty() {
+        let parsed = if self.prefix.is_empty() && rest.starts_with('/') {
             Uri::try_from(rest)
-        } else {
+        } else if rest.starts_with('/') {
             Uri::try_from(format!("{}{rest}", self.prefix))
+        } else {
+            Uri::try_from(format!("{}/{rest}", self.prefix))
         };
         parsed.map_err(|e| format!("bad request target {rest:?}: {e}"))
     }
@@ -192,8 +195,11 @@ impl Pool {
             };
             let (mut sender, reused) = match idle {
                 Some(s) => (s, true),
+                // Boxed: the rare path would otherwise make every request's future larger.
                 None => (
-                    self.connect(target).await.map_err(SendFailure::Connect)?,
+                    Box::pin(self.connect(target))
+                        .await
+                        .map_err(SendFailure::Connect)?,
                     false,
                 ),
             };
@@ -302,6 +308,8 @@ mod tests {
         assert_eq!(&*t.authority, "svc.internal:80");
         assert_eq!(t.host, "svc.internal");
         assert_eq!(t.uri("/a%2Fb").unwrap().to_string(), "/a%2Fb");
+        assert_eq!(t.uri("").unwrap().to_string(), "/");
+        assert_eq!(t.uri("?q=1").unwrap().to_string(), "/?q=1");
         assert!(
             Target::parse("https://x:1")
                 .unwrap_err()

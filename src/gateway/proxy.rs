@@ -1,111 +1,16 @@
-//! Forwarding one request to one upstream instance, streaming both bodies.
-//!
-//! The request body sits in a `BodySlot` that the outgoing request borrows lazily: hyper
-//! polls a body only once a connection exists, so when the connect fails the body is still in
-//! the slot, untouched, and the request can go to another instance. (hyper's client consumes
-//! its request; nothing in the ecosystem hands the body back, hence this small wrapper.)
+//! Forwarding one request to one upstream instance: the request as the upstream sees it
+//! (hop-by-hop headers out, `Host` and `X-Forwarded-*` in), one retry on a new connection when
+//! a kept-alive one dies under an idempotent request, and the response relayed back.
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{Request, Response, Version};
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{LengthLimitError, Limited};
-use tower_http::timeout::TimeoutBody;
+use http_body_util::LengthLimitError;
 
+use super::body::{BodySlot, IdleTimeout, ResponseBody, SlotBody};
 use super::pool::{ConnectError, ExchangeError, Pool, PooledBody, SendFailure, Target};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Inner = TimeoutBody<Limited<Body>>;
-
-/// Holds the caller's request body until an attempt starts reading it.
-#[derive(Clone)]
-pub struct BodySlot(Arc<Mutex<Option<Inner>>>);
-
-impl BodySlot {
-    pub fn new(body: Body, limit: usize, idle: Duration) -> Self {
-        BodySlot(Arc::new(Mutex::new(Some(TimeoutBody::new(
-            idle,
-            Limited::new(body, limit),
-        )))))
-    }
-
-    /// True while no attempt has read any of the body.
-    pub fn untouched(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some()
-    }
-
-    pub fn body(&self) -> SlotBody {
-        SlotBody {
-            slot: self.0.clone(),
-            taken: None,
-        }
-    }
-}
-
-pub struct SlotBody {
-    slot: Arc<Mutex<Option<Inner>>>,
-    taken: Option<Pin<Box<Inner>>>,
-}
-
-impl HttpBody for SlotBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.taken.is_none() {
-            let inner = self
-                .slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            match inner {
-                Some(b) => self.taken = Some(Box::pin(b)),
-                None => return Poll::Ready(Some(Err("request body already sent".into()))),
-            }
-        }
-        match self.taken.as_mut() {
-            Some(body) => body.as_mut().poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.taken {
-            Some(b) => b.is_end_stream(),
-            None => self
-                .slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .as_ref()
-                .is_some_and(HttpBody::is_end_stream),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.taken {
-            Some(b) => b.size_hint(),
-            None => self
-                .slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .as_ref()
-                .map(HttpBody::size_hint)
-                .unwrap_or_default(),
-        }
-    }
-}
 
 // Parsed once: a header name given as a string is parsed again on every use.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -168,8 +73,9 @@ pub struct Outgoing<'a> {
     pub headers: &'a HeaderMap,
     /// Path and query after `/v2/<service>`, exactly as received (starts with `/`).
     pub rest: &'a str,
-    pub client_ip: Option<std::net::IpAddr>,
-    pub request_id: &'a str,
+    /// The caller's address, ready as a header value.
+    pub client_ip: &'a HeaderValue,
+    pub request_id: &'a HeaderValue,
 }
 
 pub async fn send(
@@ -226,15 +132,12 @@ fn upstream_request(
     let mut headers = out.headers.clone();
     strip_hop_by_hop(&mut headers);
     let original_host = headers.insert(header::HOST, target.host.clone());
-    if let Some(ip) = out.client_ip {
-        let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-    }
+    let forwarded = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prior) => HeaderValue::from_bytes(&[prior, b", ", out.client_ip.as_bytes()].concat())
+            .unwrap_or_else(|_| out.client_ip.clone()),
+        None => out.client_ip.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR, forwarded);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
@@ -243,9 +146,7 @@ fn upstream_request(
     {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    if let Ok(v) = HeaderValue::from_str(out.request_id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    headers.insert(X_REQUEST_ID, out.request_id.clone());
     let mut req = Request::new(body);
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = uri;
@@ -276,8 +177,8 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The upstream's response, hop-by-hop headers removed, body streamed with an idle limit.
-pub fn relay(resp: Response<PooledBody>, idle: Duration) -> Response<Body> {
+pub fn relay(resp: Response<PooledBody>, idle: Duration) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Body::new(TimeoutBody::new(idle, body)))
+    Response::from_parts(parts, ResponseBody::Proxied(IdleTimeout::new(body, idle)))
 }
