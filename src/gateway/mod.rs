@@ -412,7 +412,14 @@ async fn route(
             .map(ResponseBody::from),
         ),
         Some((service, rest)) => match forward(gw, service, rest, &client_ip, &parts, body).await {
-            Ok(resp) => (service, resp),
+            Ok((resp, upstream_time)) => {
+                let series = gw.metrics.service(service);
+                series
+                    .upstream_duration
+                    .observe(upstream_time.as_secs_f64());
+                series.count(resp.status());
+                return resp;
+            }
             Err((resolved, e)) => {
                 gw.metrics.errors.with_label_values(&[e.kind()]).inc();
                 let label = if resolved { service } else { "_unresolved" };
@@ -420,15 +427,13 @@ async fn route(
             }
         },
     };
-    gw.metrics
-        .requests
-        .with_label_values(&[label, response.status().as_str()])
-        .inc();
+    gw.metrics.service(label).count(response.status());
     response
 }
 
-/// Resolves, picks, sends (retrying a refused connect once elsewhere) and relays. The bool in
-/// the error says whether the service resolved, for the metric label.
+/// Resolves, picks, sends (retrying a refused connect once elsewhere) and relays, answering
+/// the response and how long the upstream took to its headers. The bool in the error says
+/// whether the service resolved, for the metric label.
 async fn forward(
     gw: &Arc<Gateway>,
     service: &str,
@@ -436,7 +441,7 @@ async fn forward(
     client_ip: &HeaderValue,
     parts: &axum::http::request::Parts,
     body: Incoming,
-) -> Result<Response<ResponseBody>, (bool, GatewayError)> {
+) -> Result<(Response<ResponseBody>, Duration), (bool, GatewayError)> {
     service_name_rule("service", service)
         .map_err(|e| (false, GatewayError::BadRequest(e.to_string())))?;
     let declared = parts
@@ -453,7 +458,7 @@ async fn forward(
     let resolution = match gw.resolver.resolve(service).await {
         Ok(r) => r,
         Err(tried) => {
-            gw.metrics.resolutions.with_label_values(&["none"]).inc();
+            gw.metrics.resolved(Source::None).inc();
             return Err((
                 false,
                 GatewayError::NoInstance {
@@ -463,10 +468,7 @@ async fn forward(
             ));
         }
     };
-    gw.metrics
-        .resolutions
-        .with_label_values(&[resolution.source.as_str()])
-        .inc();
+    gw.metrics.resolved(resolution.source).inc();
 
     let id = request_id(&parts.headers);
     let slot = BodySlot::new(body, gw.config.max_body_bytes, gw.config.body_idle_timeout);
@@ -499,14 +501,11 @@ async fn forward(
         };
         match result {
             Ok(resp) => {
+                let upstream_time = started.elapsed();
                 gw.balancer.connected(upstream);
-                gw.metrics
-                    .upstream_duration
-                    .with_label_values(&[service])
-                    .observe(started.elapsed().as_secs_f64());
                 let mut resp = proxy::relay(resp, gw.config.body_idle_timeout);
                 annotate(&mut resp, upstream, resolution.source, &id);
-                return Ok(resp);
+                return Ok((resp, upstream_time));
             }
             Err(SendError::Connect(detail)) => {
                 gw.balancer.connect_failed(upstream);
