@@ -74,10 +74,17 @@ impl Balancer {
         state.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
-    /// Picks an instance, never one in `exclude`; `None` when nothing is left.
+    /// Picks an instance, never one in `exclude`; `None` when nothing is left. Allocates
+    /// nothing and reads the clock only while some instance is ejected: it runs per request.
     pub fn pick<'a>(&self, upstreams: &'a [Upstream], exclude: &[String]) -> Option<&'a Upstream> {
-        let now = self.now_ms();
         let allowed = |u: &&Upstream| !exclude.contains(&u.url);
+        if let [only] = upstreams {
+            return Some(only).filter(allowed);
+        }
+        let any_ejection = upstreams
+            .iter()
+            .any(|u| u.state.ejected_until_ms.load(Ordering::Relaxed) != 0);
+        let now = if any_ejection { self.now_ms() } else { 0 };
         let live = |u: &&Upstream| !self.is_ejected(&u.state, now);
         let any_live = upstreams.iter().filter(allowed).any(|u| live(&u));
         let any_healthy = upstreams
@@ -86,12 +93,9 @@ impl Balancer {
             .filter(|u| !any_live || live(u))
             .any(|u| u.healthy);
         // Everything ejected: trying one beats refusing outright.
-        let pool: Vec<&Upstream> = upstreams
-            .iter()
-            .filter(allowed)
-            .filter(|u| !any_live || live(u))
-            .filter(|u| !any_healthy || u.healthy)
-            .collect();
+        let eligible =
+            |u: &&Upstream| allowed(u) && (!any_live || live(u)) && (!any_healthy || u.healthy);
+        let nth = |k: usize| upstreams.iter().filter(eligible).nth(k);
         let score = |u: &Upstream| {
             (
                 u.load.unwrap_or(0.0),
@@ -99,23 +103,23 @@ impl Balancer {
                 u.state.in_flight.load(Ordering::Relaxed),
             )
         };
-        match pool.len() {
+        match upstreams.iter().filter(eligible).count() {
             0 => None,
-            1 => Some(pool[0]),
+            1 => nth(0),
             n => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (sa, sb) = (score(pool[a]), score(pool[b]));
+                let (ua, ub) = (nth(a)?, nth(b)?);
+                let (sa, sb) = (score(ua), score(ub));
                 let b_wins =
                     sb.0.total_cmp(&sa.0)
                         .then(sb.1.total_cmp(&sa.1))
                         .then(sb.2.cmp(&sa.2))
                         .is_lt();
-                let better = if b_wins { b } else { a };
-                Some(pool[better])
+                Some(if b_wins { ub } else { ua })
             }
         }
     }
@@ -126,11 +130,15 @@ impl Balancer {
     }
 
     pub fn connected(&self, upstream: &Upstream) {
-        upstream
-            .state
-            .consecutive_failures
-            .store(0, Ordering::Relaxed);
-        upstream.state.ejected_until_ms.store(0, Ordering::Relaxed);
+        // Read before writing: on the usual path there is nothing to reset, and a store
+        // would dirty a cache line every worker shares.
+        let state = &upstream.state;
+        if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            state.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if state.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            state.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A connect failure; answers whether the instance is now ejected.

@@ -112,6 +112,7 @@ fn upstream_pool(config: &GatewayConfig) -> Arc<Pool> {
     Pool::new(PoolConfig {
         connect_timeout: config.connect_timeout,
         idle_timeout: Duration::from_secs(90),
+        prune_every: Duration::from_secs(30),
         max_idle_per_instance: 256,
     })
 }
@@ -171,7 +172,7 @@ async fn serve(
     let pruner = {
         let pool = gw.pool.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(PRUNE_EVERY);
+            let mut every = tokio::time::interval(pool.prune_every());
             loop {
                 every.tick().await;
                 pool.prune();
@@ -223,9 +224,6 @@ async fn serve(
     }
     Ok(())
 }
-
-/// How often closed and expired idle upstream connections are dropped.
-const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a stopping gateway waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(10);

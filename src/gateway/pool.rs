@@ -22,7 +22,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::body::SlotBody;
 
@@ -77,19 +76,28 @@ impl Target {
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     pub connect_timeout: Duration,
-    /// Idle connections older than this are closed instead of reused.
+    /// Idle connections are closed once idle this long, give or take one `prune_every`.
     pub idle_timeout: Duration,
+    /// How often `prune` runs (the caller runs it).
+    pub prune_every: Duration,
     pub max_idle_per_instance: usize,
 }
 
 struct Idle {
     sender: SendRequest<SlotBody>,
-    since: Instant,
+    /// The prune round it went idle in: ages are counted in rounds, so that the request
+    /// path never reads the clock for them.
+    round: u64,
+}
+
+struct Idles {
+    by_instance: HashMap<Arc<str>, Vec<Idle>>,
+    round: u64,
 }
 
 pub struct Pool {
     config: PoolConfig,
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<Idles>,
 }
 
 /// How getting a connection failed: nothing was sent.
@@ -107,22 +115,30 @@ impl Pool {
     pub fn new(config: PoolConfig) -> Arc<Pool> {
         Arc::new(Pool {
             config,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Idles {
+                by_instance: HashMap::new(),
+                round: 0,
+            }),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Vec<Idle>>> {
+    pub fn prune_every(&self) -> Duration {
+        self.config.prune_every
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idles> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The newest idle connection to `authority` that is still open and young enough.
+    /// The newest idle connection to `authority` that is still open (`prune` retires old
+    /// ones).
     fn take_idle(&self, authority: &str) -> Option<SendRequest<SlotBody>> {
         let mut idle = self.lock();
-        let stack = idle.get_mut(authority)?;
+        let stack = idle.by_instance.get_mut(authority)?;
         while let Some(conn) = stack.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.config.idle_timeout {
+            if !conn.sender.is_closed() {
                 return Some(conn.sender);
             }
         }
@@ -134,20 +150,24 @@ impl Pool {
             return;
         }
         let mut idle = self.lock();
-        let stack = idle.entry(authority.clone()).or_default();
+        let round = idle.round;
+        let stack = idle.by_instance.entry(authority.clone()).or_default();
         if stack.len() < self.config.max_idle_per_instance {
-            stack.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            stack.push(Idle { sender, round });
         }
     }
 
-    /// Drops closed and expired idle connections, and instances with none left.
+    /// Starts a new round: drops closed connections, those idle for `idle_timeout`, and
+    /// instances with none left.
     pub fn prune(&self) {
-        let max_age = self.config.idle_timeout;
-        self.lock().retain(|_, stack| {
-            stack.retain(|c| !c.sender.is_closed() && c.since.elapsed() < max_age);
+        let every = self.config.prune_every.as_millis().max(1);
+        let max_rounds =
+            u64::try_from(self.config.idle_timeout.as_millis().div_ceil(every)).unwrap_or(u64::MAX);
+        let mut idle = self.lock();
+        idle.round += 1;
+        let round = idle.round;
+        idle.by_instance.retain(|_, stack| {
+            stack.retain(|c| !c.sender.is_closed() && round - c.round < max_rounds);
             !stack.is_empty()
         });
     }
@@ -296,7 +316,41 @@ impl Drop for PooledBody {
 
 #[cfg(test)]
 mod tests {
-    use super::Target;
+    use super::*;
+
+    fn idle_count(pool: &Pool) -> usize {
+        pool.lock().by_instance.values().map(Vec::len).sum()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_and_retire_after_the_idle_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Target::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let accept = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let pool = Pool::new(PoolConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(90),
+            prune_every: Duration::from_secs(30),
+            max_idle_per_instance: 2,
+        });
+        for _ in 0..3 {
+            let sender = pool.connect(&target).await.ok().expect("connects");
+            pool.give_back(&target.authority, sender);
+        }
+        assert_eq!(idle_count(&pool), 2, "capped per instance");
+        pool.prune();
+        pool.prune();
+        assert_eq!(idle_count(&pool), 2, "60 s idle: kept");
+        pool.prune();
+        assert_eq!(idle_count(&pool), 0, "90 s idle: closed");
+        assert!(pool.lock().by_instance.is_empty());
+        accept.abort();
+    }
 
     #[test]
     fn targets_parse_once_with_their_prefix_and_port() {
