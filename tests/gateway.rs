@@ -706,3 +706,56 @@ async fn a_response_body_that_stalls_is_cut_after_the_idle_limit() {
     );
     release.notify_waiters();
 }
+
+#[tokio::test]
+async fn stopping_lets_the_exchange_in_flight_finish_and_refuses_new_connections() {
+    let release = Arc::new(Notify::new());
+    let up = Upstream::start("slow", release.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (addr, threads) = gateway::start_workers(
+        "127.0.0.1:0".parse().expect("addr"),
+        config(None, &[("DRAINED_URL", up.url())]),
+        1,
+        stopped,
+    )
+    .expect("workers start");
+    let mut resp = reqwest::Client::new()
+        .get(format!("http://{addr}/v2/drained/slow"))
+        .send()
+        .await
+        .expect("headers");
+    let first = resp.chunk().await.expect("chunk");
+    assert_eq!(first.as_deref(), Some(&b"first"[..]));
+
+    stop.send(true).expect("stop");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a stopping gateway must stop accepting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .expect("the response in flight completes")
+    {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"last");
+    let joined = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("worker thread").is_ok())
+            .all(|ok| ok)
+    });
+    let clean = tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .expect("workers stop once the exchange is done")
+        .expect("join");
+    assert!(clean, "workers stop without error");
+}

@@ -8,6 +8,7 @@
 
 mod balance;
 mod body;
+mod drain;
 mod error;
 mod metrics;
 mod pool;
@@ -27,7 +28,6 @@ use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use self::balance::Balancer;
 pub use self::balance::EjectionConfig;
 use self::body::{BodySlot, ResponseBody};
+use self::drain::Drain;
 pub use self::error::GatewayError;
 use self::metrics::GatewayMetrics;
 use self::pool::{Pool, PoolConfig};
@@ -168,7 +169,7 @@ async fn serve(
     gw: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::default();
     let pruner = {
         let pool = gw.pool.clone();
         tokio::spawn(async move {
@@ -207,7 +208,7 @@ async fn serve(
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
             .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let conn = drain.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -216,10 +217,7 @@ async fn serve(
     }
     drop(listener);
     pruner.abort();
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN, drain.shutdown()).await.is_err() {
         tracing::warn!("open connections did not finish within {DRAIN:?}; closing them");
     }
     Ok(())
