@@ -750,8 +750,7 @@ async fn stopping_lets_the_exchange_in_flight_finish_and_refuses_new_connections
     let joined = tokio::task::spawn_blocking(move || {
         threads
             .into_iter()
-            .map(|t| t.join().expect("worker thread").is_ok())
-            .all(|ok| ok)
+            .all(|t| t.join().expect("worker thread").is_ok())
     });
     let clean = tokio::time::timeout(Duration::from_secs(5), joined)
         .await
