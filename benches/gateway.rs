@@ -9,7 +9,7 @@
 //! core busy, so their p50 is mostly queueing, while one connection shows the latency a lone
 //! caller sees. Also printed: each proxy's CPU time per request (user + kernel), read from
 //! /proc, which varies far less between runs than the rates do. Knobs: BENCH_SECONDS
-//! (default 8), BENCH_ROUNDS (2), BENCH_GATEWAY_WORKERS (1, like the single nginx worker it is
+//! (default 5), BENCH_ROUNDS (3, interleaved; medians reported), BENCH_GATEWAY_WORKERS (1, like the single nginx worker it is
 //! compared with).
 
 use std::path::{Path, PathBuf};
@@ -169,9 +169,9 @@ fn main() {
 }
 
 async fn run() -> Result<(), String> {
-    let seconds = env_or("BENCH_SECONDS", 8);
+    let seconds = env_or("BENCH_SECONDS", 5);
     let connections = env_or("BENCH_CONNECTIONS", 32);
-    let rounds = env_or("BENCH_ROUNDS", 2);
+    let rounds = env_or("BENCH_ROUNDS", 3);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let read = |name: &str| {
