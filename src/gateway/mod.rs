@@ -1,10 +1,11 @@
 //! `rollcall gateway`: routes `ANY /v2/<service>/<path>` to a live instance of the service.
 //!
 //! `resolve` finds the instances (cache → registry → stale → env var), `balance` picks one,
-//! `proxy` forwards the request and streams the answer back. A connect failure is retried once
-//! on another instance, since nothing was sent; so is an idempotent request whose pooled
-//! connection broke before its body was read. `/gateway/status`, `/health` and `/metrics`
-//! describe the gateway itself.
+//! `proxy` forwards the request over a kept-alive connection from `pool` and streams the
+//! answer back (`body`). A connect failure is retried once on another instance, since nothing
+//! was sent; so is an idempotent request whose pooled connection broke before its body was
+//! read. `drain` lets a stopping gateway finish what is in flight. `/gateway/status`,
+//! `/health` and `/metrics` describe the gateway itself.
 
 mod balance;
 mod body;
