@@ -186,7 +186,9 @@ impl Pool {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY upstream");
         }
+        // One buffer, one write per request, as on the gateway's server side.
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError(format!("HTTP handshake with {addr}: {e}")))?;
