@@ -25,6 +25,18 @@ fn free_port() -> u16 {
     rollcall::launch::free_port().expect("free port")
 }
 
+/// The first of `n` consecutive ports that are free now, below the kernel's ephemeral range
+/// (from 32768), where the other tests' free ports come from, so nothing else takes them.
+fn free_port_block(n: u16) -> u16 {
+    let start = 20_000 + (std::process::id() % 1_000) as u16 * 10;
+    (0..1_000u16)
+        .map(|i| 20_000 + (start - 20_000 + i * 30) % 12_000)
+        .find(|base| {
+            (*base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        })
+        .expect("a free block of ports")
+}
+
 #[test]
 fn help_lists_subcommands_and_env_vars() {
     let out = Command::new(BIN).arg("--help").output().expect("run");
@@ -164,9 +176,7 @@ async fn dev_brings_up_the_cluster_and_leaves_nothing_running_after_sigterm() {
     let data = dir.path().join("dev");
     let lb = free_port();
     let gateway = free_port();
-    // A base whose 23 following ports are very likely free: tests pick ports near the top of
-    // the ephemeral range, so start well below it.
-    let base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+    let base = free_port_block(23);
     let mut child = Child(
         Command::new(BIN)
             .args([
