@@ -112,7 +112,10 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                let (ua, ub) = (nth(a)?, nth(b)?);
+                // Another worker may eject an instance between these passes: then take any.
+                let (Some(ua), Some(ub)) = (nth(a), nth(b)) else {
+                    return upstreams.iter().find(allowed);
+                };
                 let (sa, sb) = (score(ua), score(ub));
                 let b_wins =
                     sb.0.total_cmp(&sa.0)

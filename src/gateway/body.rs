@@ -70,17 +70,14 @@ where
             this.armed = false;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let deadline = Instant::now() + this.idle;
         let sleep = match &mut this.sleep {
             Some(sleep) => {
                 if !this.armed {
-                    sleep.as_mut().reset(deadline);
+                    sleep.as_mut().reset(Instant::now() + this.idle);
                 }
                 sleep
             }
-            None => this
-                .sleep
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => this.sleep.insert(Box::pin(tokio::time::sleep(this.idle))),
         };
         this.armed = true;
         match sleep.as_mut().poll(cx) {

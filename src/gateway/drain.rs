@@ -57,10 +57,14 @@ pub struct Drain(Arc<Shared>);
 
 impl Drain {
     pub fn watch<C: Graceful>(&self, conn: C) -> Watched<C> {
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        // Counted from now, not from its first poll: a stop that comes before the task runs
+        // still waits for it (its first poll sees the stop).
+        self.0.open().insert(id, Waker::noop().clone());
         Watched {
             conn: Box::pin(conn),
             shared: self.0.clone(),
-            id: self.0.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             waker: None,
             shutting: false,
         }
@@ -69,8 +73,9 @@ impl Drain {
     /// Asks every connection to finish and close; returns once all have.
     pub async fn shutdown(&self) {
         self.0.stopping.store(true, Ordering::SeqCst);
-        for waker in self.0.open().values() {
-            waker.wake_by_ref();
+        let wakers: Vec<Waker> = self.0.open().values().cloned().collect();
+        for waker in wakers {
+            waker.wake();
         }
         loop {
             let closed = self.0.all_closed.notified();
@@ -167,6 +172,28 @@ mod tests {
             t.await.expect("connection task");
         }
         assert!(drain.0.open().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stop_waits_for_a_connection_accepted_but_not_yet_polled() {
+        let drain = Drain::default();
+        let conn = drain.watch(Fake { remaining: None });
+        let stopping = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.shutdown().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !stopping.is_finished(),
+            "the unpolled connection is counted"
+        );
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("its first poll sees the stop");
+        tokio::time::timeout(Duration::from_secs(5), stopping)
+            .await
+            .expect("the stop completes once it closed")
+            .expect("join");
     }
 
     #[tokio::test]

@@ -1,12 +1,13 @@
 //! The gateway's Prometheus metrics. The `service` label only ever holds names that resolved
 //! to an instance (else `_unresolved`), so callers cannot grow the series count with junk.
 //!
-//! A labelled series is looked up once per service and kept (`ServiceSeries`), not once per
-//! request: prometheus' label lookup (hashing, a lock, two reference counts) showed as a
-//! tenth of the gateway's CPU per proxied request.
+//! A labelled series is looked up once per service and event loop and kept (`SeriesCache`),
+//! not once per request: prometheus' label lookup (hashing, a lock, two reference counts)
+//! showed as a tenth of the gateway's CPU per proxied request.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use prometheus::{
@@ -16,15 +17,24 @@ use prometheus::{
 
 use super::resolve::Source;
 
-/// One service's series.
+/// One service's series, as one event loop uses them.
 pub struct ServiceSeries {
     name: String,
     requests: IntCounterVec,
     by_code: Mutex<Vec<(StatusCode, IntCounter)>>,
-    pub upstream_duration: Histogram,
+    durations: HistogramVec,
+    /// Created at the first answer from an instance, so that names that never reached one
+    /// get no empty histogram.
+    upstream_duration: OnceLock<Histogram>,
 }
 
 impl ServiceSeries {
+    pub fn observe_upstream(&self, took: Duration) {
+        self.upstream_duration
+            .get_or_init(|| self.durations.with_label_values(&[self.name.as_str()]))
+            .observe(took.as_secs_f64());
+    }
+
     /// Counts a request answered with `code`.
     pub fn count(&self, code: StatusCode) {
         let mut by_code = self
@@ -49,7 +59,6 @@ pub struct GatewayMetrics {
     /// By `Source`, in its declaration order.
     resolutions: [IntCounter; 5],
     upstream_duration: HistogramVec,
-    series: RwLock<HashMap<String, Arc<ServiceSeries>>>,
     pub errors: IntCounterVec,
     pub breaker_open: IntGauge,
     pub cache_entries: IntGauge,
@@ -136,7 +145,6 @@ impl GatewayMetrics {
             requests,
             resolutions,
             upstream_duration,
-            series: RwLock::new(HashMap::new()),
             errors,
             breaker_open,
             cache_entries,
@@ -148,36 +156,53 @@ impl GatewayMetrics {
         &self.resolutions[source as usize]
     }
 
-    /// The series of `service` (a resolved name, or `_unresolved`).
-    pub fn service(&self, service: &str) -> Arc<ServiceSeries> {
-        if let Some(series) = self
-            .series
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(service)
-        {
-            return series.clone();
-        }
-        self.series
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(service.to_string())
-            .or_insert_with(|| {
-                Arc::new(ServiceSeries {
-                    name: service.to_string(),
-                    requests: self.requests.clone(),
-                    by_code: Mutex::new(Vec::new()),
-                    upstream_duration: self.upstream_duration.with_label_values(&[service]),
-                })
-            })
-            .clone()
-    }
-
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// The series one event loop has used, by service; each loop has its own, so that counting
+/// a request takes no lock another loop holds.
+pub struct SeriesCache {
+    metrics: Arc<GatewayMetrics>,
+    by_service: RwLock<HashMap<String, Arc<ServiceSeries>>>,
+}
+
+impl SeriesCache {
+    pub fn new(metrics: Arc<GatewayMetrics>) -> Self {
+        SeriesCache {
+            metrics,
+            by_service: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The series of `service` (a resolved name, or `_unresolved`).
+    pub fn service(&self, service: &str) -> Arc<ServiceSeries> {
+        if let Some(series) = self
+            .by_service
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+        {
+            return series.clone();
+        }
+        self.by_service
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(service.to_string())
+            .or_insert_with(|| {
+                Arc::new(ServiceSeries {
+                    name: service.to_string(),
+                    requests: self.metrics.requests.clone(),
+                    by_code: Mutex::new(Vec::new()),
+                    durations: self.metrics.upstream_duration.clone(),
+                    upstream_duration: OnceLock::new(),
+                })
+            })
+            .clone()
     }
 }

@@ -3,8 +3,8 @@
 //! `resolve` finds the instances (cache → registry → stale → env var), `balance` picks one,
 //! `proxy` forwards the request over a kept-alive connection from `pool` and streams the
 //! answer back (`body`). A connect failure is retried once on another instance, since nothing
-//! was sent; so is an idempotent request whose pooled connection broke before its body was
-//! read. `drain` lets a stopping gateway finish what is in flight. `/gateway/status`,
+//! was sent; an idempotent request whose kept-alive connection died under it, once on a new
+//! connection. `drain` lets a stopping gateway finish what is in flight. `/gateway/status`,
 //! `/health` and `/metrics` describe the gateway itself.
 
 mod balance;
@@ -39,7 +39,7 @@ pub use self::balance::EjectionConfig;
 use self::body::{BodySlot, ResponseBody};
 use self::drain::Drain;
 pub use self::error::GatewayError;
-use self::metrics::GatewayMetrics;
+use self::metrics::{GatewayMetrics, SeriesCache};
 use self::pool::{Pool, PoolConfig};
 use self::proxy::{Outgoing, SendError};
 pub use self::resolve::{EnvSource, ResolverConfig, Source, env_var_name};
@@ -95,6 +95,7 @@ struct Gateway {
     balancer: Arc<Balancer>,
     pool: Arc<Pool>,
     metrics: Arc<GatewayMetrics>,
+    series: SeriesCache,
 }
 
 impl Gateway {
@@ -106,6 +107,7 @@ impl Gateway {
             balancer: self.balancer.clone(),
             pool: upstream_pool(&self.config),
             metrics: self.metrics.clone(),
+            series: SeriesCache::new(self.metrics.clone()),
         })
     }
 }
@@ -141,6 +143,7 @@ fn build(config: GatewayConfig) -> io::Result<Arc<Gateway>> {
         balancer,
         resolver,
         pool,
+        series: SeriesCache::new(metrics.clone()),
         metrics,
         config,
     }))
@@ -171,15 +174,15 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let drain = Drain::default();
-    let pruner = {
+    let _pruner = {
         let pool = gw.pool.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut every = tokio::time::interval(pool.prune_every());
             loop {
                 every.tick().await;
                 pool.prune();
             }
-        })
+        }))
     };
     tokio::pin!(shutdown);
     loop {
@@ -220,11 +223,19 @@ async fn serve(
         });
     }
     drop(listener);
-    pruner.abort();
     if tokio::time::timeout(DRAIN, drain.shutdown()).await.is_err() {
         tracing::warn!("open connections did not finish within {DRAIN:?}; closing them");
     }
     Ok(())
+}
+
+/// Stops a helper task when its owner ends, however it ends (an aborted `serve` included).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How long a stopping gateway waits for requests in flight.
@@ -303,7 +314,7 @@ pub fn start_workers(
 }
 
 /// Small responses go out at once instead of waiting for the previous segment's ACK.
-fn no_delay(stream: &tokio::net::TcpStream) {
+pub(super) fn no_delay(stream: &tokio::net::TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
@@ -413,10 +424,8 @@ async fn route(
         ),
         Some((service, rest)) => match forward(gw, service, rest, &client_ip, &parts, body).await {
             Ok((resp, upstream_time)) => {
-                let series = gw.metrics.service(service);
-                series
-                    .upstream_duration
-                    .observe(upstream_time.as_secs_f64());
+                let series = gw.series.service(service);
+                series.observe_upstream(upstream_time);
                 series.count(resp.status());
                 return resp;
             }
@@ -427,13 +436,13 @@ async fn route(
             }
         },
     };
-    gw.metrics.service(label).count(response.status());
+    gw.series.service(label).count(response.status());
     response
 }
 
-/// Resolves, picks, sends (retrying a refused connect once elsewhere) and relays, answering
-/// the response and how long the upstream took to its headers. The bool in the error says
-/// whether the service resolved, for the metric label.
+/// Resolves, picks, sends (retrying a refused connect once on another instance) and relays,
+/// answering the response and how long the upstream took to its headers. The bool in the
+/// error says whether the service resolved, for the metric label.
 async fn forward(
     gw: &Arc<Gateway>,
     service: &str,
@@ -545,25 +554,16 @@ async fn forward(
                 ));
             }
             Err(SendError::Other(detail)) => {
-                // A pooled connection the instance closed as it died: an idempotent request
-                // whose body was never read may go once more, elsewhere.
-                tried.push(upstream.url.clone());
-                if tried.len() >= 2 || !slot.untouched() || !parts.method.is_idempotent() {
-                    return Err((
-                        true,
-                        GatewayError::Upstream {
-                            service: service.to_string(),
-                            upstream: upstream.url.clone(),
-                            detail,
-                        },
-                    ));
-                }
-                tracing::info!(service, upstream = %upstream.url, %detail, "exchange failed; retrying an idempotent request on another instance");
-                last = Some(GatewayError::Upstream {
-                    service: service.to_string(),
-                    upstream: upstream.url.clone(),
-                    detail,
-                });
+                // The request may have reached the instance: not repeated here (`proxy::send`
+                // has already tried an idempotent one again if a kept-alive connection died).
+                return Err((
+                    true,
+                    GatewayError::Upstream {
+                        service: service.to_string(),
+                        upstream: upstream.url.clone(),
+                        detail,
+                    },
+                ));
             }
         }
     }
