@@ -325,8 +325,11 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_capped_and_retire_after_the_idle_timeout() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = Target::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let target = Target::parse(&format!("http://{addr}")).expect("a valid target");
         let accept = tokio::spawn(async move {
             let mut open = Vec::new();
             while let Ok((s, _)) = listener.accept().await {
@@ -355,16 +358,16 @@ mod tests {
 
     #[test]
     fn targets_parse_once_with_their_prefix_and_port() {
-        let t = Target::parse("http://127.0.0.1:9000/base/").unwrap();
+        let t = Target::parse("http://127.0.0.1:9000/base/").expect("valid");
         assert_eq!(&*t.authority, "127.0.0.1:9000");
         assert_eq!(t.host, "127.0.0.1:9000");
-        assert_eq!(t.uri("/x?y=1").unwrap().to_string(), "/base/x?y=1");
-        let t = Target::parse("http://svc.internal").unwrap();
+        assert_eq!(t.uri("/x?y=1").expect("uri").to_string(), "/base/x?y=1");
+        let t = Target::parse("http://svc.internal").expect("valid");
         assert_eq!(&*t.authority, "svc.internal:80");
         assert_eq!(t.host, "svc.internal");
-        assert_eq!(t.uri("/a%2Fb").unwrap().to_string(), "/a%2Fb");
-        assert_eq!(t.uri("").unwrap().to_string(), "/");
-        assert_eq!(t.uri("?q=1").unwrap().to_string(), "/?q=1");
+        assert_eq!(t.uri("/a%2Fb").expect("uri").to_string(), "/a%2Fb");
+        assert_eq!(t.uri("").expect("uri").to_string(), "/");
+        assert_eq!(t.uri("?q=1").expect("uri").to_string(), "/?q=1");
         assert!(
             Target::parse("https://x:1")
                 .unwrap_err()

@@ -71,7 +71,8 @@ pub enum SendError {
 pub struct Outgoing<'a> {
     pub method: &'a axum::http::Method,
     pub headers: &'a HeaderMap,
-    /// Path and query after `/v2/<service>`, exactly as received (starts with `/`).
+    /// Path and query after `/v2/<service>`, exactly as received: empty, `?query` or
+    /// `/path…` (`Target::uri` makes it a request target).
     pub rest: &'a str,
     /// The caller's address, ready as a header value.
     pub client_ip: &'a HeaderValue,
